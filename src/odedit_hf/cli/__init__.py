@@ -1,0 +1,1 @@
+"""The ``odedit-hf`` command line tool."""

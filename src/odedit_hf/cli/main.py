@@ -1,0 +1,65 @@
+"""Entry point of the ``odedit-hf`` command.
+
+Each subcommand lives in its own module under ``odedit_hf.cli`` and exposes two functions:
+``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``. Modules are
+imported lazily, only when their subcommand runs (``--help`` imports just their parsers), so that
+``odedit-hf --help`` stays fast and torch is not imported for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from odedit_hf import __version__
+
+# subcommand name -> (module under odedit_hf.cli, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "build the embedded world (cached), edit facts, print the metric table"),
+    "world": ("world", "build the embedded synthetic world and its tiny pretrained model"),
+    "edit": ("edit", "edit facts with a method and measure the edits under a protocol"),
+    "bench": ("bench", "run kernel microbenchmarks"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="odedit-hf",
+        description="Edit facts inside multimodal LLMs and measure the edits honestly.",
+    )
+    parser.add_argument("--version", action="version", version=f"odedit-hf {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(f"odedit_hf.cli.{module_name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"odedit_hf.cli.{module_name}":
+                raise
+            continue  # subcommand not built yet
+        module.add_parser(sub, name=name, help=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    module_name = SUBCOMMANDS[args.command][0]
+    module = importlib.import_module(f"odedit_hf.cli.{module_name}")
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
