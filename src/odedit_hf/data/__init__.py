@@ -1,0 +1,24 @@
+"""The data contract: edit requests in (MMEdit files), edit results out.
+
+``odedit_hf.data.world`` (the embedded synthetic world) lives beside this package and is imported
+only on demand; importing ``odedit_hf.data`` loads neither it nor ``datasets``.
+"""
+
+from __future__ import annotations
+
+from .errors import DataValidationError
+from .loader import MMEditDataset, load_mmedit
+from .schema import IMAGE_FIELDS, MMEDIT_FIELDS, TASKS, TEXT_FIELDS, EditRequest, EditResult, EditScores
+
+__all__ = [
+    "IMAGE_FIELDS",
+    "MMEDIT_FIELDS",
+    "TASKS",
+    "TEXT_FIELDS",
+    "DataValidationError",
+    "EditRequest",
+    "EditResult",
+    "EditScores",
+    "MMEditDataset",
+    "load_mmedit",
+]

@@ -1,0 +1,415 @@
+"""Data contract: MMEdit loading and validation, EditRequest, EditScores / EditResult."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from odedit_hf.data import (
+    MMEDIT_FIELDS,
+    DataValidationError,
+    EditRequest,
+    EditResult,
+    EditScores,
+    MMEditDataset,
+    load_mmedit,
+)
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _png(path, color, mode="RGB", size=(5, 3)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+def _record(i, *, question=True):
+    src = f"What colour is thing {i}?" if question else f"a photo of thing {i}"
+    return {
+        "src": src,
+        "pred": f"red{i}",
+        "alt": f"blue{i}",
+        "image": f"img/{i}.png",
+        "rephrase": f"Which colour does thing {i} have?" if question else f"an image of thing {i}",
+        "image_rephrase": f"reph/{i}.png",
+        "loc": f"Who wrote book {i}?",
+        "loc_ans": f"author{i}",
+        "m_loc": f"img/loc{i}.png",
+        "m_loc_q": f"How many dots in picture {i}?",
+        "m_loc_a": str(i),
+    }
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A data folder: image_root with img/, a separate rephrase root, and a writer for files."""
+    root = tmp_path / "images"
+    reph_root = tmp_path / "rephrase_images"
+    for i in range(6):
+        _png(root / "img" / f"{i}.png", (10 * i, 20, 30))
+        _png(root / "img" / f"loc{i}.png", (0, 10 * i, 0))
+        _png(reph_root / "reph" / f"{i}.png", (0, 0, 10 * i))
+
+    def write(records, name="edits.json"):
+        p = tmp_path / name
+        p.write_text(json.dumps(records), encoding="utf-8")
+        return p
+
+    return {"tmp": tmp_path, "root": root, "reph": reph_root, "write": write}
+
+
+def _load(world, records, **kwargs):
+    return load_mmedit(world["write"](records), world["root"], world["reph"], **kwargs)
+
+
+def _assert_names(exc: DataValidationError, file_name: str, index: int | None, field: str | None):
+    msg = str(exc)
+    assert file_name in msg, msg
+    assert exc.path is not None and exc.path.endswith(file_name)
+    if index is not None:
+        assert f"record {index}" in msg, msg
+        assert exc.index == index
+    if field is not None:
+        assert repr(field) in msg, msg
+        assert exc.field == field
+
+
+# ---------------------------------------------------------------------------------------------
+# good files
+
+
+def test_vqa_file_loads_and_resolves_paths(world):
+    import datasets
+
+    ds = _load(world, [_record(i) for i in range(3)])
+    assert isinstance(ds, MMEditDataset)
+    assert len(ds) == 3 and ds.task == "vqa" and ds.skipped == 0 and ds.skip_reasons == []
+    assert isinstance(ds.hf_dataset, datasets.Dataset)
+    assert set(ds.hf_dataset.column_names) == {"case_id", "task", *MMEDIT_FIELDS}
+    assert ds.path == str(world["tmp"] / "edits.json")
+
+    req = ds[1]
+    assert isinstance(req, EditRequest)
+    assert req.case_id == 1 and req.task == "vqa" and req.source == ds.path
+    assert req.src == "What colour is thing 1?" and req.alt == "blue1" and req.m_loc_a == "1"
+    assert req.image == os.path.realpath(world["root"] / "img" / "1.png")
+    assert req.image_rephrase == os.path.realpath(world["reph"] / "reph" / "1.png")
+    assert req.m_loc == os.path.realpath(world["root"] / "img" / "loc1.png")
+    assert [r.case_id for r in ds] == [0, 1, 2]
+    assert ds[-1].case_id == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.alt = "x"
+
+
+def test_load_image_is_lazy_rgb(world):
+    # A grayscale edit image and a corrupt m_loc image: loading must not open either.
+    _png(world["root"] / "img" / "0.png", 77, mode="L", size=(4, 2))
+    (world["root"] / "img" / "loc0.png").write_bytes(b"not a png")
+    ds = _load(world, [_record(0)])
+    req = ds[0]
+
+    img = req.load_image()
+    assert img.mode == "RGB" and img.size == (4, 2) and img.getpixel((0, 0)) == (77, 77, 77)
+    assert req.load_image("image_rephrase").getpixel((1, 1)) == (0, 0, 0)
+    with pytest.raises(DataValidationError) as info:
+        req.load_image("m_loc")
+    _assert_names(info.value, "edits.json", 0, "m_loc")
+    assert "loc0.png" in str(info.value)
+    with pytest.raises(ValueError, match="field must be one of"):
+        req.load_image("src")
+
+
+def test_caption_file_and_task_rule(world):
+    caption = [_record(i, question=False) for i in range(3)]
+    assert _load(world, caption).task == "caption"
+    assert _load(world, caption, task="vqa")[0].task == "vqa"  # explicit wins
+    mixed = [_record(0), _record(1), _record(2, question=False), _record(3, question=False)]
+    with pytest.raises(DataValidationError, match="task='vqa' or task='caption'"):
+        _load(world, mixed)
+    assert _load(world, mixed, task="caption").task == "caption"
+
+
+def test_rephrase_root_defaults_to_image_root(world):
+    p = world["write"]([_record(0)])
+    with pytest.raises(DataValidationError) as info:
+        load_mmedit(p, world["root"])  # reph/0.png lives only under the rephrase root
+    _assert_names(info.value, "edits.json", 0, "image_rephrase")
+    _png(world["root"] / "reph" / "0.png", (1, 2, 3))
+    req = load_mmedit(p, world["root"])[0]
+    assert req.image_rephrase == os.path.realpath(world["root"] / "reph" / "0.png")
+
+
+def test_dotdot_inside_root_is_allowed(world):
+    rec = _record(0)
+    rec["image"] = "img/../img/0.png"
+    assert _load(world, [rec])[0].image == os.path.realpath(world["root"] / "img" / "0.png")
+
+
+def test_empty_list(world):
+    ds = _load(world, [])
+    assert len(ds) == 0 and list(ds) == [] and "src" in ds.hf_dataset.column_names
+
+
+# ---------------------------------------------------------------------------------------------
+# bad records: each raises naming the file, record 1 and the field
+
+
+def _set(field, value):
+    def mutate(rec, world):
+        rec[field] = value
+
+    return mutate
+
+
+def _drop(field):
+    def mutate(rec, world):
+        del rec[field]
+
+    return mutate
+
+
+def _absolute(rec, world):
+    rec["image"] = str(world["root"] / "img" / "1.png")  # exists, inside the root, but absolute
+
+
+def _symlinked_file(rec, world):
+    target = _png(world["tmp"] / "outside" / "secret.png", (1, 1, 1))
+    os.symlink(target, world["root"] / "img" / "link.png")
+    rec["image"] = "img/link.png"
+
+
+def _symlinked_dir(rec, world):
+    _png(world["tmp"] / "outside" / "secret.png", (1, 1, 1))
+    os.symlink(world["tmp"] / "outside", world["reph"] / "ext", target_is_directory=True)
+    rec["image_rephrase"] = "ext/secret.png"
+
+
+def _dotdot(rec, world):
+    _png(world["tmp"] / "outside.png", (1, 1, 1))  # exists: the root check, not existence, must fail
+    rec["m_loc"] = "../outside.png"
+
+
+BAD_RECORDS = {
+    "missing field": (_drop("loc_ans"), "loc_ans", "missing fields"),
+    "unknown field": (_set("loc_answer", "x"), "loc_answer", "unknown fields"),
+    "non-string": (_set("alt", 3), "alt", "expected a string"),
+    "null": (_set("pred", None), "pred", "expected a string"),
+    "empty": (_set("src", ""), "src", "empty value"),
+    "whitespace only": (_set("rephrase", "  \n"), "rephrase", "empty value"),
+    "image missing": (_set("image", "img/nope.png"), "image", "not found"),
+    "rephrase image missing": (_set("image_rephrase", "reph/nope.png"), "image_rephrase", "not found"),
+    "image is a directory": (_set("m_loc", "img"), "m_loc", "not found"),
+    "absolute path": (_absolute, "image", "absolute"),
+    "dotdot escape": (_dotdot, "m_loc", "outside"),
+    "symlinked file escape": (_symlinked_file, "image", "outside"),
+    "symlinked dir escape": (_symlinked_dir, "image_rephrase", "outside"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_bad_record_raises_with_location(world, case):
+    mutate, field, reason = BAD_RECORDS[case]
+    records = [_record(i) for i in range(3)]
+    mutate(records[1], world)
+    with pytest.raises(DataValidationError) as info:
+        _load(world, records)
+    _assert_names(info.value, "edits.json", 1, field)
+    assert reason in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_record_not_an_object(world):
+    with pytest.raises(DataValidationError) as info:
+        _load(world, [_record(0), ["not", "a", "dict"]])
+    _assert_names(info.value, "edits.json", 1, None)
+    assert "not an object" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [('{"src": "a"}', "expected a list"), ("[{", "not valid JSON"), ('{"a": 1}\n{"a": 2}', "not valid JSON")],
+)
+def test_bad_file_raises(world, text, reason):
+    p = world["tmp"] / "broken.json"
+    p.write_text(text, encoding="utf-8")
+    for skip in (False, True):  # whole-file errors are never skipped
+        with pytest.raises(DataValidationError, match=reason) as info:
+            load_mmedit(p, world["root"], skip_invalid=skip)
+        _assert_names(info.value, "broken.json", None, None)
+
+
+def test_missing_file_and_root(world):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_mmedit(world["tmp"] / "nope.json", world["root"])
+    p = world["write"]([_record(0)])
+    with pytest.raises(DataValidationError, match="image_root is not a directory"):
+        load_mmedit(p, world["tmp"] / "no_such_dir")
+    with pytest.raises(DataValidationError, match="rephrase_image_root is not a directory"):
+        load_mmedit(p, world["root"], world["tmp"] / "no_such_dir")
+
+
+def test_bad_arguments(world):
+    p = world["write"]([_record(0)])
+    with pytest.raises(ValueError, match="task must be"):
+        load_mmedit(p, world["root"], task="qa")
+    for limit in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="limit must be"):
+            load_mmedit(p, world["root"], limit=limit)
+    with pytest.raises(TypeError):
+        load_mmedit(p, world["root"], skip_bad=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# skipping, limit, selection
+
+
+def test_skip_invalid_counts_and_reports(world, caplog):
+    records = [_record(i) for i in range(5)]
+    records[1]["alt"] = ""
+    records[3]["image"] = "../escape.png"
+    with caplog.at_level(logging.WARNING, logger="odedit_hf.data.loader"):
+        ds = _load(world, records, skip_invalid=True)
+    assert len(ds) == 3 and [r.case_id for r in ds] == [0, 2, 4]
+    assert ds.skipped == 2 and len(ds.skip_reasons) == 2
+    assert "record 1" in ds.skip_reasons[0] and "'alt'" in ds.skip_reasons[0]
+    assert "record 3" in ds.skip_reasons[1] and "'image'" in ds.skip_reasons[1]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "skipped 2 invalid record(s)" in warnings[0].getMessage()
+
+
+def test_limit(world):
+    records = [_record(i) for i in range(5)]
+    assert [r.case_id for r in _load(world, records, limit=2)] == [0, 1]
+    records[3]["alt"] = 7  # past the limit: never read
+    assert len(_load(world, records, limit=3)) == 3
+    records[1]["alt"] = ""  # with skipping, the limit counts valid records
+    ds = _load(world, records, limit=2, skip_invalid=True)
+    assert [r.case_id for r in ds] == [0, 2] and ds.skipped == 1
+    assert len(_load(world, records[:1], limit=10)) == 1
+
+
+def test_select_getitem_and_iteration(world):
+    ds = _load(world, [_record(i) for i in range(5)])
+    sub = ds.select([4, 1])
+    assert isinstance(sub, MMEditDataset) and len(sub) == 2
+    assert [r.case_id for r in sub] == [4, 1] and sub[0].alt == "blue4"
+    assert sub.path == ds.path and sub.task == ds.task
+    with pytest.raises(IndexError):
+        ds[5]
+    with pytest.raises(IndexError):
+        ds[-6]
+    with pytest.raises(IndexError):
+        ds.select([0, 9])
+    with pytest.raises(TypeError, match="select"):
+        ds[0:2]
+
+
+def test_edit_request_validates(world):
+    req = _load(world, [_record(0)])[0]
+    fields = dataclasses.asdict(req)
+    with pytest.raises(DataValidationError, match="'alt'"):
+        EditRequest(**{**fields, "alt": " "})
+    with pytest.raises(DataValidationError, match="not absolute"):
+        EditRequest(**{**fields, "image": "img/0.png"})
+    with pytest.raises(DataValidationError, match="task must be"):
+        EditRequest(**{**fields, "task": "qa"})
+    assert EditRequest(**fields) == req
+
+
+def test_error_pickles():
+    exc = DataValidationError("bad", path="f.json", index=3, field="alt", hint="fix it")
+    back = pickle.loads(pickle.dumps(exc))
+    assert str(back) == str(exc) == "f.json, record 3, field 'alt': bad (fix it)"
+    assert (back.path, back.index, back.field, back.hint) == ("f.json", 3, "alt", "fix it")
+
+
+def test_import_is_light():
+    code = "import sys, odedit_hf.data; print('datasets' in sys.modules, 'PIL' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+def _scores(seed: float) -> EditScores:
+    names = [
+        "reliability",
+        "reliability_em",
+        "t_generality",
+        "t_generality_em",
+        "m_generality",
+        "m_generality_em",
+        "t_locality",
+        "m_locality",
+        "t_locality_easyedit",
+        "m_locality_easyedit",
+    ]
+    return EditScores(**{n: (seed + 0.07 * k) % 1.0 for k, n in enumerate(names)})
+
+
+def test_scores_and_result_round_trip():
+    s = _scores(0.1)
+    assert EditScores.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    for final, loss in ((None, None), (_scores(0.5), 0.25)):
+        r = EditResult(
+            case_id=3,
+            method="odedit+lora",
+            protocol="sequential",
+            post=s,
+            final=final,
+            wall_time_s=1.5,
+            peak_memory_mb=512.0,
+            steps=10,
+            final_loss=loss,
+        )
+        d = json.loads(json.dumps(r.to_dict()))
+        assert d["post"]["reliability"] == s.reliability
+        assert EditResult.from_dict(d) == r
+
+
+def test_from_dict_rejects_unknown_and_missing_keys():
+    d = _scores(0.2).to_dict()
+    with pytest.raises(ValueError, match=r"unknown keys \['rel'\]"):
+        EditScores.from_dict({**d, "rel": 1.0})
+    d.pop("m_locality")
+    with pytest.raises(ValueError, match=r"missing keys \['m_locality'\]"):
+        EditScores.from_dict(d)
+    r = EditResult(3, "ft_l", "single", _scores(0.1), None, 1.0, 2.0, 5, 0.5).to_dict()
+    with pytest.raises(ValueError, match="unknown keys"):
+        EditResult.from_dict({**r, "seed": 0})
+    r["post"]["extra"] = 0.0
+    with pytest.raises(ValueError, match=r"EditScores.from_dict: unknown keys \['extra'\]"):
+        EditResult.from_dict(r)
+
+
+def test_scores_validation_and_mean():
+    a, b = _scores(0.1), _scores(0.6)
+    m = EditScores.mean([a, b])
+    for name, value in m.to_dict().items():
+        assert value == pytest.approx((getattr(a, name) + getattr(b, name)) / 2)
+    with pytest.raises(ValueError, match="empty"):
+        EditScores.mean([])
+    nan = EditScores(**{**a.to_dict(), "m_locality": math.nan})
+    with pytest.raises(ValueError, match=r"'m_locality' is NaN in items \[1\]"):
+        EditScores.mean([a, nan])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        EditScores(**{**a.to_dict(), "reliability": 1.5})
+    with pytest.raises(ValueError, match="real number"):
+        EditScores(**{**a.to_dict(), "reliability": "0.5"})
+    with pytest.raises(ValueError, match="steps"):
+        EditResult(0, "ft_l", "single", a, None, 1.0, 2.0, -1, None)
+    with pytest.raises(ValueError, match="wall_time_s"):
+        EditResult(0, "ft_l", "single", a, None, math.nan, 2.0, 1, None)
