@@ -8,4 +8,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0.dev0"
 
+# Registers the ODEDIT PEFT type (and the editors' types) with peft: at once if peft is already
+# imported, otherwise right after peft's own import, so this import stays free of torch and peft.
+from odedit_hf.odedit.registration import install_peft_import_hook as _install_peft_import_hook
+
+_install_peft_import_hook()
+
 __all__ = ["__version__"]

@@ -1,0 +1,31 @@
+"""The embedded world: a deterministic synthetic multimodal knowledge world and its tiny LLaVA.
+
+``build_world(preset, seed)`` generates entities with procedurally drawn images and text facts,
+exports MMEdit-schema files (E-VQA-like and E-IC-like) with PNG images, pretrains a tiny
+``LlavaForConditionalGeneration`` on the world with a ``transformers.Trainer``, measures its pre-edit
+accuracies and caches everything on disk keyed by ``(WORLD_VERSION, preset, seed)``.
+"""
+
+from __future__ import annotations
+
+from .build import ACCURACY_KEYS, World, build_world, measure_accuracies
+from .cache import default_cache_root, world_dir
+from .export import edit_records, export_world
+from .spec import PRESETS, WORLD_VERSION, WorldPreset, WorldSpec, generate_world, get_preset
+
+__all__ = [
+    "ACCURACY_KEYS",
+    "PRESETS",
+    "WORLD_VERSION",
+    "World",
+    "WorldPreset",
+    "WorldSpec",
+    "build_world",
+    "default_cache_root",
+    "edit_records",
+    "export_world",
+    "generate_world",
+    "get_preset",
+    "measure_accuracies",
+    "world_dir",
+]

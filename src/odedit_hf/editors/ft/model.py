@@ -1,0 +1,83 @@
+"""FT-L tuner: wraps the targeted ``nn.Linear`` modules of a model in :class:`~.layer.Linear`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .config import FTLConfig
+from .layer import FTLLayer, Linear
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FTLModel"]
+
+
+class FTLModel(BaseTuner):
+    """FT-L as a peft tuner: ``get_peft_model(model, FTLConfig(...))`` builds it.
+
+    ``_create_and_replace`` is reusable on its own: a wrapper method (ODEdit) can call it for each
+    target to put FT-L deltas under its own adapter name.
+    """
+
+    prefix: str = "ftl_"
+    tuner_layer_cls = FTLLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict[str, Any]) -> PeftConfig:
+        if peft_config.target_modules is not None:
+            return peft_config
+        from odedit_hf.backbones import get_backbone_spec
+
+        model_type = model_config.get("model_type")
+        if model_type is None:
+            raise ValueError(
+                "FTLConfig.target_modules is None and the model has no config.model_type to look up "
+                "default targets; pass target_modules explicitly (e.g. ['mlp.down_proj'])."
+            )
+        spec = get_backbone_spec(model_type)  # UnsupportedModelError says how to register a family
+        peft_config.target_modules = set(spec.default_edit_projections)
+        logger.info(
+            "FT-L: no target_modules given; using %s from the %r backbone spec",
+            spec.default_edit_projections,
+            model_type,
+        )
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: PeftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            raise ValueError(f"FTLModel._create_and_replace: unknown keyword arguments {sorted(kwargs)}")
+        if parameter_name is not None:
+            raise ValueError(
+                f"FT-L targets modules, not parameters; got parameter {parameter_name!r} of {current_key!r}"
+            )
+        if not isinstance(peft_config, FTLConfig):
+            raise ValueError(f"FTLModel needs an FTLConfig, got {type(peft_config).__name__}")
+        if isinstance(target, FTLLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise ValueError(
+                f"FT-L target {current_key!r} is a {type(base).__name__}, not torch.nn.Linear; "
+                "target FFN projections (see the backbone registry's ffn_projections)."
+            )
+        new_module = Linear(target, adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            # a further adapter is not trainable until set_adapter makes it active
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)

@@ -1,0 +1,435 @@
+"""Editing protocols — ``single``, ``sequential``, ``batch`` — and the scoring of one request.
+
+A protocol owns the adapter's life: it wraps the backbone's model once with the method's PEFT
+config, re-initialises the adapter before each edit, scores, rolls back, and unwraps at the end,
+giving the caller's model back unchanged. The pre-edit model is the same model under
+``disable_adapter()`` (no copy). The base weights are hashed before the run, after every rollback
+and after unwrapping; a mismatch raises :class:`~odedit_hf.editing.RollbackError`.
+
+* ``single``: edit one request, score it, roll back. Each edit sees the base model.
+* ``sequential``: one adapter across all edits; each edit is scored right after it (``post``) and
+  again on the final model (``final``), which shows how later edits erase earlier ones.
+* ``batch``: ``batch_size`` requests in one optimisation, scored, rolled back; per-edit wall time
+  is the batch's time divided by its size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from odedit_hf.editing.methods import model_device
+from odedit_hf.editing.rollback import AdapterSnapshot, BaseWeights
+from odedit_hf.editing.samples import eval_samples
+
+from .metrics import (
+    EASYEDIT_IMAGE_TOPK,
+    EASYEDIT_TEXT_TOPK,
+    answer_agreement,
+    easyedit_agreement,
+    token_accuracy,
+    topk_ids,
+)
+
+if TYPE_CHECKING:
+    from odedit_hf.backbones import Backbone
+    from odedit_hf.data import EditRequest, EditResult, EditScores
+    from odedit_hf.editing import EditMethod, EditStats
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PROTOCOLS",
+    "LocalityReference",
+    "ProtocolRun",
+    "evaluate_request",
+    "locality_reference",
+    "run_batch",
+    "run_protocol",
+    "run_sequential",
+    "run_single",
+]
+
+PROTOCOLS: tuple[str, ...] = ("single", "sequential", "batch")
+
+#: Called after every edit with (index of the edit, its result; ``final`` not yet filled for sequential).
+OnEdit = Callable[[int, "EditResult"], None]
+#: Called once with the PEFT model while it holds the run's last edit (sequential: all edits), before
+#: that edit is rolled back or the adapter unloaded; e.g. to save the adapter.
+OnAdapter = Callable[[Any], None]
+
+
+@dataclass
+class LocalityReference:
+    """What locality needs of the pre-edit model for one request: its top-k ids on the two locality samples.
+
+    Args:
+        t_ids: ``(1, T, 1)`` top-1 ids on the text-locality sample.
+        m_ids: ``(1, T', 10)`` top-10 ids on the multimodal-locality sample.
+    """
+
+    t_ids: torch.Tensor
+    m_ids: torch.Tensor
+
+
+@dataclass
+class ProtocolRun:
+    """The outcome of a protocol run.
+
+    Args:
+        method: the method's name.
+        protocol: ``"single"``, ``"sequential"`` or ``"batch"``.
+        results: one :class:`~odedit_hf.data.EditResult` per request, in request order.
+        seed: the seed the run was made with.
+        batch_size: requests per optimisation (1 except for ``batch``).
+        base_weights_hash: digest of the base weights before the run (and, checked, after it).
+        rollback_checks: how many times the base-weight hash was checked equal during the run.
+        stopped_early: per request, whether its edit loop stopped on ``stop_loss``.
+        wall_time_s: the whole run, scoring included.
+    """
+
+    method: str
+    protocol: str
+    results: list[EditResult]
+    seed: int
+    batch_size: int
+    base_weights_hash: str
+    rollback_checks: int
+    stopped_early: list[bool] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------- scoring
+def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    from odedit_hf.editing.loss import model_inputs
+
+    return model(**model_inputs(batch)).logits.float()
+
+
+@torch.no_grad()
+def locality_reference(peft_model: Any, backbone: Backbone, request: EditRequest) -> LocalityReference:
+    """Top-k ids of the pre-edit model (adapters disabled) on the request's two locality samples."""
+    samples = eval_samples(request)
+    device = model_device(peft_model)
+    with peft_model.disable_adapter():
+        t_logits = _logits(peft_model, backbone.build_batch([samples["t_locality"]], device=device))
+        m_logits = _logits(peft_model, backbone.build_batch([samples["m_locality"]], device=device))
+    return LocalityReference(
+        t_ids=topk_ids(t_logits, EASYEDIT_TEXT_TOPK).cpu(),
+        m_ids=topk_ids(m_logits, EASYEDIT_IMAGE_TOPK).cpu(),
+    )
+
+
+@torch.no_grad()
+def evaluate_request(
+    model: Any, backbone: Backbone, request: EditRequest, reference: LocalityReference
+) -> EditScores:
+    """Score the current (edited) model on one request: all five metrics, locality in both modes.
+
+    Three forward passes: reliability and both generalities in one batch, and each locality sample
+    alone — in exactly the batch shape :func:`locality_reference` used, so that pre and post logits
+    are comparable bit for bit (batching changes float rounding, which could flip near-ties).
+    """
+    from odedit_hf.data import EditScores
+
+    samples = eval_samples(request)
+    device = model_device(model)
+    edit_batch = backbone.build_batch(
+        [samples["reliability"], samples["t_generality"], samples["m_generality"]], device=device
+    )
+    accuracy, exact = token_accuracy(_logits(model, edit_batch), edit_batch["labels"])
+    locality: dict[str, float] = {}
+    for key, ids, k in (
+        ("t", reference.t_ids, EASYEDIT_TEXT_TOPK),
+        ("m", reference.m_ids, EASYEDIT_IMAGE_TOPK),
+    ):
+        batch = backbone.build_batch([samples[f"{key}_locality"]], device=device)
+        post = _logits(model, batch)
+        if tuple(ids.shape[:2]) != tuple(post.shape[:2]):
+            raise ValueError(
+                f"case {request.case_id}: the {key}-locality batch changed length between the pre-edit reference "
+                f"{tuple(ids.shape[:2])} and now {tuple(post.shape[:2])}; build the reference with the same backbone"
+            )
+        ids = ids.to(post.device)
+        locality[f"{key}_locality"] = float(answer_agreement(ids, post, batch["labels"])[0])
+        locality[f"{key}_locality_easyedit"] = float(
+            easyedit_agreement(ids, post, batch["attention_mask"], k=k)[0]
+        )
+    return EditScores(
+        reliability=float(accuracy[0]),
+        reliability_em=float(exact[0]),
+        t_generality=float(accuracy[1]),
+        t_generality_em=float(exact[1]),
+        m_generality=float(accuracy[2]),
+        m_generality_em=float(exact[2]),
+        **locality,
+    )
+
+
+# --------------------------------------------------------------------------------- measurement
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+@contextlib.contextmanager
+def _measure(device: torch.device) -> Iterator[dict[str, float]]:
+    """Wall time and peak memory of the block: CUDA peak allocated, or the process peak RSS on CPU."""
+    out: dict[str, float] = {}
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    yield out
+    if cuda:
+        torch.cuda.synchronize(device)
+        out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        out["peak_memory_mb"] = _peak_rss_mb()
+    out["wall_time_s"] = time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------- adapter life
+@dataclass
+class _Session:
+    peft_model: Any
+    base: BaseWeights
+    snapshot: AdapterSnapshot
+    digest: str
+    checks: int = 0
+
+    def check(self, context: str) -> None:
+        self.base.check(self.digest, context=context)
+        self.checks += 1
+
+
+@contextlib.contextmanager
+def _wrapped(method: EditMethod, backbone: Backbone, seed: int, adapter_name: str) -> Iterator[_Session]:
+    """Seed, wrap ``backbone.model`` with the method's adapter, and unwrap (checking the hash) at exit."""
+    from peft import get_peft_model
+
+    model = backbone.model
+    if hasattr(model, "peft_config"):
+        raise ValueError(
+            "the backbone's model already carries PEFT adapters; protocols wrap the plain model themselves "
+            "(pass a Backbone around the unwrapped transformers model)"
+        )
+    base = BaseWeights(model)
+    digest = base.digest()
+    devices = [model_device(model)] if model_device(model).type == "cuda" else []
+    was_training = model.training
+    model.eval()  # editing and scoring run without dropout: an edit must not depend on the RNG
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, method.peft_config(backbone), adapter_name=adapter_name)
+        session = _Session(peft_model, base, AdapterSnapshot(peft_model, adapter_name, base=base), digest)
+        try:
+            yield session
+        finally:
+            peft_model.unload()
+            base.restore_requires_grad()
+            model.train(was_training)
+    session.check("after unloading the adapter at the end of the run")
+
+
+def _result(
+    method: EditMethod,
+    protocol: str,
+    request: EditRequest,
+    post: EditScores,
+    stats: EditStats,
+    m: dict[str, float],
+    share: int,
+) -> EditResult:
+    from odedit_hf.data import EditResult
+
+    return EditResult(
+        case_id=request.case_id,
+        method=method.name,
+        protocol=protocol,
+        post=post,
+        final=None,
+        wall_time_s=m["wall_time_s"] / share,
+        peak_memory_mb=m["peak_memory_mb"],
+        steps=stats.steps,
+        final_loss=stats.final_loss,
+    )
+
+
+def _check_requests(requests: Sequence[EditRequest]) -> list[EditRequest]:
+    requests = list(requests)
+    if not requests:
+        raise ValueError("no edit requests given; load some with odedit_hf.data.load_mmedit")
+    return requests
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return seed
+
+
+# ------------------------------------------------------------------------------------ protocols
+def run_single(
+    method: EditMethod,
+    backbone: Backbone,
+    requests: Sequence[EditRequest],
+    *,
+    seed: int = 0,
+    adapter_name: str = "default",
+    on_edit: OnEdit | None = None,
+    on_adapter: OnAdapter | None = None,
+) -> ProtocolRun:
+    """Edit each request on its own: re-initialise the adapter, edit, score, roll back, check the hash."""
+    return run_batch(
+        method,
+        backbone,
+        requests,
+        batch_size=1,
+        seed=seed,
+        adapter_name=adapter_name,
+        on_edit=on_edit,
+        on_adapter=on_adapter,
+        _name="single",
+    )
+
+
+def run_batch(
+    method: EditMethod,
+    backbone: Backbone,
+    requests: Sequence[EditRequest],
+    *,
+    batch_size: int,
+    seed: int = 0,
+    adapter_name: str = "default",
+    on_edit: OnEdit | None = None,
+    on_adapter: OnAdapter | None = None,
+    _name: str = "batch",
+) -> ProtocolRun:
+    """Edit ``batch_size`` requests in one optimisation, score each, roll back, check the hash; repeat."""
+    requests = _check_requests(requests)
+    seed = _check_seed(seed)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    start = time.perf_counter()
+    results: list[EditResult] = []
+    stopped: list[bool] = []
+    with _wrapped(method, backbone, seed, adapter_name) as session:
+        model = session.peft_model
+        device = model_device(model)
+        for first in range(0, len(requests), batch_size):
+            chunk = requests[first : first + batch_size]
+            references = [locality_reference(model, backbone, r) for r in chunk]
+            session.snapshot.restore()  # a fresh adapter for this edit
+            with _measure(device) as m:
+                stats = method.edit(model, backbone, chunk)
+            for request, reference in zip(chunk, references):
+                post = evaluate_request(model, backbone, request, reference)
+                result = _result(method, _name, request, post, stats, m, len(chunk))
+                results.append(result)
+                stopped.append(stats.stopped_early)
+                if on_edit is not None:
+                    on_edit(len(results) - 1, result)
+            if on_adapter is not None and first + batch_size >= len(requests):
+                on_adapter(model)
+            session.snapshot.restore()  # roll back
+            session.check(f"after rolling back the edit of case(s) {[r.case_id for r in chunk]}")
+        digest, checks = session.digest, session.checks
+    return ProtocolRun(
+        method=method.name,
+        protocol=_name,
+        results=results,
+        seed=seed,
+        batch_size=batch_size,
+        base_weights_hash=digest,
+        rollback_checks=checks + 1,  # + the check after unloading
+        stopped_early=stopped,
+        wall_time_s=time.perf_counter() - start,
+    )
+
+
+def run_sequential(
+    method: EditMethod,
+    backbone: Backbone,
+    requests: Sequence[EditRequest],
+    *,
+    seed: int = 0,
+    adapter_name: str = "default",
+    on_edit: OnEdit | None = None,
+    on_adapter: OnAdapter | None = None,
+) -> ProtocolRun:
+    """Apply the edits one after another to one adapter; score each right after it and on the final model."""
+    requests = _check_requests(requests)
+    seed = _check_seed(seed)
+    start = time.perf_counter()
+    results: list[EditResult] = []
+    references: list[LocalityReference] = []
+    stopped: list[bool] = []
+    with _wrapped(method, backbone, seed, adapter_name) as session:
+        model = session.peft_model
+        device = model_device(model)
+        for request in requests:
+            references.append(locality_reference(model, backbone, request))
+            with _measure(device) as m:
+                stats = method.edit(model, backbone, [request])
+            post = evaluate_request(model, backbone, request, references[-1])
+            results.append(_result(method, "sequential", request, post, stats, m, 1))
+            stopped.append(stats.stopped_early)
+            if on_edit is not None:
+                on_edit(len(results) - 1, results[-1])
+        for result, request, reference in zip(results, requests, references):
+            result.final = evaluate_request(model, backbone, request, reference)
+        if on_adapter is not None:
+            on_adapter(model)
+        session.check(f"after {len(requests)} sequential edits (the base weights must not move)")
+        digest, checks = session.digest, session.checks
+    return ProtocolRun(
+        method=method.name,
+        protocol="sequential",
+        results=results,
+        seed=seed,
+        batch_size=1,
+        base_weights_hash=digest,
+        rollback_checks=checks + 1,
+        stopped_early=stopped,
+        wall_time_s=time.perf_counter() - start,
+    )
+
+
+def run_protocol(
+    protocol: str,
+    method: EditMethod,
+    backbone: Backbone,
+    requests: Sequence[EditRequest],
+    *,
+    seed: int = 0,
+    batch_size: int | None = None,
+    adapter_name: str = "default",
+    on_edit: OnEdit | None = None,
+    on_adapter: OnAdapter | None = None,
+) -> ProtocolRun:
+    """Run ``protocol`` (one of :data:`PROTOCOLS`); ``batch_size`` is required by, and only allowed for, ``batch``."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    common = {"seed": seed, "adapter_name": adapter_name, "on_edit": on_edit, "on_adapter": on_adapter}
+    if protocol == "batch":
+        if batch_size is None:
+            raise ValueError("the batch protocol needs batch_size (edits per optimisation)")
+        return run_batch(method, backbone, requests, batch_size=batch_size, **common)
+    if batch_size not in (None, 1):
+        raise ValueError(
+            f"batch_size={batch_size} is only meaningful for the batch protocol, not {protocol!r}"
+        )
+    if protocol == "single":
+        return run_single(method, backbone, requests, **common)
+    return run_sequential(method, backbone, requests, **common)

@@ -1,0 +1,249 @@
+"""``ODEditConfig``: the PEFT config of ODEdit, holding the nested config of the editor it wraps."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from peft.config import PeftConfig
+
+from .registration import ODEDIT, extend_peft_type, import_editor_packages, register_odedit
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GEN_POSITIONS", "LAMBDA_MODES", "LOC_POSITIONS", "REPHRASE_KINDS", "ODEditConfig"]
+
+LAMBDA_MODES: tuple[str, ...] = ("params", "sketch", "fixed")
+GEN_POSITIONS: tuple[str, ...] = ("answer", "last_prompt")
+LOC_POSITIONS: tuple[str, ...] = ("answer", "all")
+REPHRASE_KINDS: tuple[str, ...] = ("rephrase", "image_rephrase")
+KERNEL_BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+
+
+def _editor_config_from_dict(data: dict[str, Any]) -> PeftConfig:
+    """Rebuild a nested editor config saved by :meth:`ODEditConfig.to_dict`."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    peft_type = data.get("peft_type")
+    if peft_type is None:
+        raise ValueError(
+            "ODEditConfig.editor: the nested editor config has no 'peft_type'; pass a PeftConfig instance "
+            "(e.g. LoraConfig(...) or FTLConfig(...)) or a dict saved by ODEditConfig.to_dict()"
+        )
+    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        import_editor_packages()  # editor packages register their PEFT types when imported
+    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise ValueError(
+            f"ODEditConfig.editor: PEFT type {peft_type!r} of the nested editor is not registered with peft; "
+            "import the package that defines it before loading this adapter"
+        )
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+    kwargs = dict(data)
+    return config_cls.from_peft_type(**kwargs)
+
+
+def _jsonable(value: Any) -> Any:
+    """Sets become sorted lists (peft's own save only converts top-level sets), recursively."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass
+class ODEditConfig(PeftConfig):
+    """Configuration of ODEdit: the objective wrapped around a base editor's trainable parameters.
+
+    The base editor (``editor``) decides which parameters an edit trains and how they act in the
+    forward pass; ODEdit decides the objective: ``R = R_rel + alpha * R_loc + beta * R_gen`` plus the
+    IRM-TV penalty ``lambda * P`` with ``lambda`` from a small network trained by dual ascent.
+
+    Args:
+        editor (`PeftConfig`):
+            The config of the wrapped editor, e.g. peft's `LoraConfig` or odedit-hf's `FTLConfig`. Saved
+            nested in `adapter_config.json` and rebuilt on load.
+        alpha (`float`, defaults to 1.0):
+            Weight of the locality risk `R_loc` (KL(pre-edit || post-edit) on `loc` and `m_loc`).
+        beta (`float`, defaults to 0.1):
+            Weight of the generality risk `R_gen` (multi-scale RBF MMD^2 between hidden states of the edit
+            prompt and of its rephrases).
+        loc_risk (`bool`, defaults to True):
+            Compute `R_loc` (ablation switch; `False` drops the term from `R`).
+        gen_risk (`bool`, defaults to True):
+            Compute `R_gen` (ablation switch).
+        irm_penalty (`bool`, defaults to True):
+            Add the IRM-TV penalty `lambda * (sum_e |dR_e/domega|)^2` (ablation switch). Environments:
+            in-distribution (image + src), semantic neighbours (rephrase, image_rephrase) and
+            out-of-distribution (loc, m_loc).
+        rephrase_kinds (`tuple[str, ...]`, defaults to `("rephrase", "image_rephrase")`):
+            Which rephrases enter `R_gen` and the neighbour environment: the text rephrase (image + rephrase)
+            and/or the image rephrase (image_rephrase + src).
+        num_rephrases (`int`, defaults to 1):
+            Rephrase prompts per kind. An MMEdit record holds one of each; more are used only when the
+            request carries extra ones (attributes `rephrases` / `image_rephrases`). The paper finds one
+            beats several.
+        gen_positions (`str`, defaults to `"answer"`):
+            Which hidden states form the MMD samples: `"answer"` = the last-layer states at the positions
+            that predict the target tokens (the last prompt token and every target token but the last), so
+            one sample per target token; `"last_prompt"` = only the last prompt token (one sample per prompt).
+        gen_anchor_edit (`bool`, defaults to True):
+            Treat the edit prompt's hidden states as a fixed anchor in `R_gen` (no gradient through them), so
+            that `R_gen` moves the rephrases' states towards the edited representation. With gradients on both
+            sides the cheapest way to lower `R_gen` is to drag the edit prompt's states back towards the
+            unedited rephrases, against `R_rel`.
+        mmd_bandwidth_multipliers (`tuple[float, ...]`, defaults to `(0.5, 1.0, 2.0)`):
+            Bandwidths sigma_q as multiples of the median pairwise distance between the samples, measured once
+            per edit on the pre-edit model and then held fixed (a bandwidth that followed the shrinking
+            distances would keep the kernel values constant and blow the gradient up).
+        mmd_bandwidths (`tuple[float, ...]`, *optional*):
+            Absolute bandwidths; when set they replace the median heuristic.
+        loc_positions (`str`, defaults to `"answer"`):
+            Rows of the locality KL: `"answer"` = the positions predicting the `loc_ans` / `m_loc_a` tokens,
+            `"all"` = every non-padding text position.
+        lambda_mode (`str`, defaults to `"params"`):
+            Input of the lambda network: `"params"` (the flattened edit parameters, as the paper; memory grows
+            with the edit size), `"sketch"` (a fixed random projection of them to `sketch_dim` numbers,
+            regenerated from `sketch_seed` on the fly, never stored) or `"fixed"` (no network: lambda =
+            `lambda_init`, for ablation).
+        lambda_init (`float`, defaults to 0.001):
+            Initial lambda (the network's output bias is set so that softplus gives this value). The penalty
+            resists sharpening the target's logits until the edit saturates (dR/domega < 0 while p(target) < 1),
+            so a large lambda stalls the edit: on the tiny world (20 edits, FT-L) reliability was 0.25 at 0.1,
+            0.95 at 0.01 and 1.0 at 0.001 (see benchmarks/RESULTS.md).
+        lambda_hidden_size (`int`, defaults to 64):
+            Width of the two hidden layers of the 3-layer lambda network.
+        sketch_dim (`int`, defaults to 128):
+            Output size of the random projection in `"sketch"` mode.
+        sketch_seed (`int`, defaults to 0):
+            Seed of the random projection in `"sketch"` mode.
+        lambda_lr (`float`, defaults to 0.1):
+            Learning rate of the dual step: plain gradient ascent (SGD, ``maximize=True``) on the lambda
+            network, so lambda rises in proportion to the penalty that remains.
+        lambda_max (`float`, *optional*, defaults to 10.0):
+            Upper clamp of lambda; `None` leaves it free. Ascent on a 3-layer network compounds (every layer's
+            step scales the others' gradients): free, lambda reached inf within 13 steps of an edit on the
+            tiny LLaVA at lambda_lr=1.
+        kernel_backend (`str`, defaults to `"auto"`):
+            Backend of the fused kernels (`"auto"`, `"triton"`, `"torch"`).
+    """
+
+    editor: Any = field(default=None, metadata={"help": "The nested editor config (PeftConfig)."})
+    alpha: float = field(default=1.0, metadata={"help": "Weight of R_loc."})
+    beta: float = field(default=0.1, metadata={"help": "Weight of R_gen."})
+    loc_risk: bool = field(default=True, metadata={"help": "Compute R_loc."})
+    gen_risk: bool = field(default=True, metadata={"help": "Compute R_gen."})
+    irm_penalty: bool = field(default=True, metadata={"help": "Add the IRM-TV penalty."})
+    rephrase_kinds: tuple[str, ...] = field(default=REPHRASE_KINDS, metadata={"help": "Rephrases used."})
+    num_rephrases: int = field(default=1, metadata={"help": "Rephrase prompts per kind."})
+    gen_positions: str = field(default="answer", metadata={"help": "MMD sample positions."})
+    gen_anchor_edit: bool = field(
+        default=True, metadata={"help": "No gradient through the edit prompt in R_gen."}
+    )
+    mmd_bandwidth_multipliers: tuple[float, ...] = field(
+        default=(0.5, 1.0, 2.0), metadata={"help": "Multiples of the median pairwise distance."}
+    )
+    mmd_bandwidths: tuple[float, ...] | None = field(default=None, metadata={"help": "Absolute bandwidths."})
+    loc_positions: str = field(default="answer", metadata={"help": "Rows of the locality KL."})
+    lambda_mode: str = field(default="params", metadata={"help": "params | sketch | fixed."})
+    lambda_init: float = field(default=0.001, metadata={"help": "Initial lambda."})
+    lambda_hidden_size: int = field(default=64, metadata={"help": "Hidden width of the lambda network."})
+    sketch_dim: int = field(default=128, metadata={"help": "Sketch size."})
+    sketch_seed: int = field(default=0, metadata={"help": "Sketch seed."})
+    lambda_lr: float = field(default=0.1, metadata={"help": "Dual learning rate."})
+    lambda_max: float | None = field(default=10.0, metadata={"help": "Upper clamp of lambda."})
+    kernel_backend: str = field(default="auto", metadata={"help": "auto | triton | torch."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = extend_peft_type(ODEDIT)
+        where = "ODEditConfig"
+        if self.editor is None:
+            raise ValueError(
+                f"{where}: `editor` is required: pass the config of the editor ODEdit wraps, e.g. "
+                "ODEditConfig(editor=LoraConfig(target_modules=[...]))"
+            )
+        if isinstance(self.editor, dict):
+            self.editor = _editor_config_from_dict(self.editor)
+        if not isinstance(self.editor, PeftConfig):
+            raise ValueError(
+                f"{where}.editor must be a PeftConfig (or its dict), got {type(self.editor).__name__}"
+            )
+        if self.editor.is_prompt_learning:
+            raise ValueError(
+                f"{where}.editor: prompt-learning methods ({self.editor.peft_type}) have no edit parameters inside "
+                "the model; wrap a tuner such as LoRA or FT-L"
+            )
+        if self.editor.peft_type == ODEDIT:
+            raise ValueError(f"{where}.editor: ODEdit cannot wrap another ODEdit config")
+        # the editor follows the wrapper in these bookkeeping fields
+        self.editor.task_type = self.task_type
+        for name in ("alpha", "beta", "lambda_init", "lambda_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{where}.{name} must be a number >= 0, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("loc_risk", "gen_risk", "irm_penalty", "gen_anchor_edit"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{where}.{name} must be True or False, got {getattr(self, name)!r}")
+        self.rephrase_kinds = tuple(self.rephrase_kinds)
+        bad = [k for k in self.rephrase_kinds if k not in REPHRASE_KINDS]
+        if bad or len(set(self.rephrase_kinds)) != len(self.rephrase_kinds):
+            raise ValueError(
+                f"{where}.rephrase_kinds must be distinct names from {REPHRASE_KINDS}, got {self.rephrase_kinds}"
+            )
+        if self.gen_risk and not self.rephrase_kinds:
+            raise ValueError(f"{where}: gen_risk=True needs at least one of rephrase_kinds={REPHRASE_KINDS}")
+        for name in ("num_rephrases", "lambda_hidden_size", "sketch_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{where}.{name} must be an int >= 1, got {value!r}")
+        if isinstance(self.sketch_seed, bool) or not isinstance(self.sketch_seed, int):
+            raise ValueError(f"{where}.sketch_seed must be an int, got {self.sketch_seed!r}")
+        for name, allowed in (
+            ("gen_positions", GEN_POSITIONS),
+            ("loc_positions", LOC_POSITIONS),
+            ("lambda_mode", LAMBDA_MODES),
+            ("kernel_backend", KERNEL_BACKENDS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{where}.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        self.mmd_bandwidth_multipliers = tuple(float(m) for m in self.mmd_bandwidth_multipliers)
+        if not self.mmd_bandwidth_multipliers or any(m <= 0 for m in self.mmd_bandwidth_multipliers):
+            raise ValueError(
+                f"{where}.mmd_bandwidth_multipliers must be a non-empty list of numbers > 0, "
+                f"got {self.mmd_bandwidth_multipliers}"
+            )
+        if self.mmd_bandwidths is not None:
+            self.mmd_bandwidths = tuple(float(s) for s in self.mmd_bandwidths)
+            if not self.mmd_bandwidths or any(s <= 0 for s in self.mmd_bandwidths):
+                raise ValueError(
+                    f"{where}.mmd_bandwidths must be numbers > 0 (or None), got {self.mmd_bandwidths}"
+                )
+        if self.lambda_max is not None:
+            self.lambda_max = float(self.lambda_max)
+            if self.lambda_max < self.lambda_init:
+                raise ValueError(
+                    f"{where}.lambda_max={self.lambda_max} is below lambda_init={self.lambda_init}; raise it or unset it"
+                )
+
+    @property
+    def editor_peft_type(self) -> str:
+        """The PEFT type of the wrapped editor (e.g. ``"LORA"``, ``"FTL"``)."""
+        return str(
+            self.editor.peft_type.value if hasattr(self.editor.peft_type, "value") else self.editor.peft_type
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: the nested editor config as its own ``to_dict()`` (sets as sorted lists)."""
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "editor"}
+        out["editor"] = _jsonable(self.editor.to_dict())
+        return _jsonable(out)
+
+
+# Registration at import, as peft's own tuners do (see registration.py for why it is called here too).
+register_odedit()

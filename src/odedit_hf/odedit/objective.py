@@ -1,0 +1,261 @@
+"""The ODEdit objective of one step, shared by the per-edit loop and the Trainer.
+
+``loss = R_rel + alpha·R_loc + beta·R_gen + λ·P`` with ``P = (Σ_e |dR_e/dω|)²`` over the three
+environments. The primal step descends on ``loss`` over the edit parameters; the dual step ascends on
+it over the λ-network's parameters (:func:`dual_step`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .penalty import irm_tv_penalty
+from .risks import (
+    ENVIRONMENTS,
+    EditBatch,
+    ForwardFn,
+    PreEditState,
+    gen_pairs,
+    generality_risk,
+    locality_risk,
+    locality_rows,
+    median_bandwidths,
+    neighbour_omega_grad,
+    reliability_risk,
+    run_groups,
+)
+
+if TYPE_CHECKING:
+    from odedit_hf.backbones import Backbone
+
+    from .config import ODEditConfig
+    from .lambda_net import LambdaNetwork
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LossTerms", "ODEditObjective", "dual_step"]
+
+
+@dataclass
+class LossTerms:
+    """The terms of one step (tensors, still attached to the graph)."""
+
+    total: torch.Tensor
+    r_rel: torch.Tensor
+    r_loc: torch.Tensor | None = None
+    r_gen: torch.Tensor | None = None
+    penalty: torch.Tensor | None = None
+    lam: torch.Tensor | None = None
+    omega_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def as_floats(self) -> dict[str, float]:
+        """Detached values, for logs: ``loss``, ``r_rel``, ``r_loc``, ``r_gen``, ``penalty``, ``lambda``, ``g_<env>``."""
+        out = {"loss": float(self.total.detach()), "r_rel": float(self.r_rel.detach())}
+        for name, value in (
+            ("r_loc", self.r_loc),
+            ("r_gen", self.r_gen),
+            ("penalty", self.penalty),
+            ("lambda", self.lam),
+        ):
+            if value is not None:
+                out[name] = float(value.detach())
+        for env, g in self.omega_grads.items():
+            out[f"g_{env}"] = float(g.detach())
+        return out
+
+
+class ODEditObjective:
+    """Computes :class:`LossTerms` for an :class:`~odedit_hf.odedit.risks.EditBatch`.
+
+    Args:
+        config: the ODEdit config (risk switches, weights, positions, bandwidths, backend).
+        backbone: the model's backbone (hidden-state extraction, image-token mask).
+    """
+
+    def __init__(self, config: ODEditConfig, backbone: Backbone) -> None:
+        self.config = config
+        self.backbone = backbone
+        self.pre = PreEditState()
+
+    # ------------------------------------------------------------------ pre-edit pass
+    def _hidden_groups(self) -> tuple[str, ...]:
+        return ("edit", *self.config.rephrase_kinds) if self.config.gen_risk else ()
+
+    def _loc_groups(self) -> tuple[str, ...]:
+        return ("loc", "m_loc") if (self.config.loc_risk or self.config.irm_penalty) else ()
+
+    def _missing(self, edit_batch: EditBatch) -> bool:
+        cfg = self.config
+        for cid in edit_batch.case_ids:
+            if any((g, cid) not in self.pre.loc_rows for g in self._loc_groups()):
+                return True
+            if cfg.gen_risk and cfg.mmd_bandwidths is None and cid not in self.pre.bandwidths:
+                return True
+        return False
+
+    @torch.no_grad()
+    def prepare(self, forward: ForwardFn, edit_batch: EditBatch) -> None:
+        """Record the pre-edit logits rows of ``loc``/``m_loc`` and the MMD bandwidths of each request.
+
+        Call with the adapter disabled (``with peft_model.disable_adapter():``). Requests already
+        recorded (by ``case_id``) are kept: the pre-edit state is computed once per edit.
+        """
+        if not self._missing(edit_batch):
+            return
+        cfg = self.config
+        outputs = run_groups(forward, self.backbone, edit_batch, hidden_groups=self._hidden_groups())
+        for g in self._loc_groups():
+            group = outputs[g]
+            for row, owner in enumerate(edit_batch.owners[g]):
+                rows = locality_rows(
+                    group.logits[row : row + 1],
+                    group.labels[row : row + 1],
+                    group.attention_mask[row : row + 1],
+                    None if group.image_mask is None else group.image_mask[row : row + 1],
+                    cfg.loc_positions,
+                )
+                self.pre.loc_rows[(g, edit_batch.case_ids[owner])] = rows.detach().float()
+        if cfg.gen_risk and cfg.mmd_bandwidths is None:
+            _, per_request = gen_pairs(outputs, edit_batch, cfg, None)
+            for owner, samples in per_request.items():
+                self.pre.bandwidths[edit_batch.case_ids[owner]] = median_bandwidths(
+                    samples, cfg.mmd_bandwidth_multipliers
+                )
+
+    def reset(self) -> None:
+        """Forget the pre-edit state (a new edit starts)."""
+        self.pre = PreEditState()
+
+    # ------------------------------------------------------------------ one step
+    def __call__(
+        self, forward: ForwardFn, edit_batch: EditBatch, lam: torch.Tensor | None = None
+    ) -> LossTerms:
+        """The loss of one step on the current (edited) model.
+
+        Args:
+            forward: ``forward(batch, **kwargs) -> model outputs`` (the adapter enabled).
+            edit_batch: the step's prompts.
+            lam: λ from the λ-network (ignored when ``irm_penalty`` is off).
+
+        Raises:
+            ValueError: :meth:`prepare` was not called for these requests.
+        """
+        cfg = self.config
+        backend = cfg.kernel_backend
+        if self._missing(edit_batch):
+            raise ValueError(
+                "ODEditObjective: no pre-edit state for these requests; call prepare() with the adapter disabled first"
+            )
+        outputs = run_groups(forward, self.backbone, edit_batch, hidden_groups=self._hidden_groups())
+        edit = outputs["edit"]
+        r_rel, g_in = reliability_risk(edit.logits, edit.labels, backend=backend)
+        total = r_rel
+        terms = LossTerms(total=r_rel, r_rel=r_rel)
+        omega: dict[str, torch.Tensor] = {"in_distribution": g_in}
+
+        if self._loc_groups():
+            pre_rows, post_rows = [], []
+            for g in self._loc_groups():
+                group = outputs[g]
+                pre_rows += [self.pre.loc_rows[(g, edit_batch.case_ids[o])] for o in edit_batch.owners[g]]
+                post_rows.append(
+                    locality_rows(
+                        group.logits, group.labels, group.attention_mask, group.image_mask, cfg.loc_positions
+                    )
+                )
+            post = torch.cat(post_rows)
+            pre = torch.cat(pre_rows).to(device=post.device, dtype=post.dtype)
+            r_loc, g_ood = locality_risk(pre, post, backend=backend)
+            omega["ood"] = g_ood
+            if cfg.loc_risk:
+                terms.r_loc = r_loc
+                total = total + cfg.alpha * r_loc
+
+        if cfg.gen_risk:
+            bandwidths = {i: self.pre.bandwidths.get(cid) for i, cid in enumerate(edit_batch.case_ids)}
+            pairs, _ = gen_pairs(outputs, edit_batch, cfg, bandwidths)
+            terms.r_gen = generality_risk(pairs, backend=backend)
+            total = total + cfg.beta * terms.r_gen
+
+        if cfg.irm_penalty:
+            neighbour = [outputs[k] for k in cfg.rephrase_kinds]
+            if neighbour:
+                logits = [n.logits for n in neighbour]
+                labels = [n.labels for n in neighbour]
+                # rows of both kinds share one mean: pad to one length is not needed, average per kind weighted by tokens
+                grads, counts = [], []
+                for lg, lb in zip(logits, labels):
+                    count = int((lb[:, 1:] != -100).sum())
+                    grads.append(neighbour_omega_grad(lg, lb, backend=backend) * count)
+                    counts.append(count)
+                omega["neighbours"] = torch.stack(grads).sum() / sum(counts)
+            terms.penalty = irm_tv_penalty({e: omega[e] for e in ENVIRONMENTS if e in omega})
+            if lam is None:
+                raise ValueError("ODEditObjective: irm_penalty is on but no lambda was given")
+            terms.lam = lam
+            total = total + lam * terms.penalty
+        terms.omega_grads = omega
+        terms.total = total
+        return terms
+
+
+def dual_step(
+    lambda_net: LambdaNetwork, optimizer: torch.optim.Optimizer | None, *, reduce: Any | None = None
+) -> None:
+    """Gradient *ascent* on the λ-network with the gradients left by the primal backward, then clear them.
+
+    Args:
+        lambda_net: the λ-network (its ``.grad`` filled by ``loss.backward()``).
+        optimizer: its optimiser, built with ``maximize=True`` (SGD: gradient ascent) (``None`` in ``fixed`` mode: nothing to do).
+        reduce: optional ``reduce(tensor) -> tensor`` averaging gradients across processes (multi-GPU).
+    """
+    if optimizer is None or lambda_net.net is None:
+        return
+    if reduce is not None:
+        for p in lambda_net.parameters():
+            if p.grad is not None:
+                p.grad = reduce(p.grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def build_lambda_network(
+    config: ODEditConfig,
+    edit_params: Sequence[torch.Tensor],
+    device: torch.device | str | None = None,
+    *,
+    init_seed: int | None = None,
+) -> tuple[LambdaNetwork, torch.optim.Optimizer | None]:
+    """The λ-network for ``edit_params`` under ``config`` and its dual (ascent) optimiser.
+
+    ``init_seed`` seeds its initial weights; ``None`` draws one from torch's global generator (which the
+    protocols seed per run), so runs with different seeds start the dual from different networks while
+    the sketch projection stays the one ``config.sketch_seed`` fixes.
+    """
+    from .lambda_net import LambdaNetwork
+
+    if init_seed is None:
+        init_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+    n = sum(p.numel() for p in edit_params)
+    net = LambdaNetwork(
+        config.lambda_mode if config.irm_penalty else "fixed",
+        n,
+        hidden_size=config.lambda_hidden_size,
+        sketch_dim=config.sketch_dim,
+        seed=config.sketch_seed,
+        lambda_init=config.lambda_init,
+        lambda_max=config.lambda_max,
+        init_seed=init_seed,
+        device=device,
+    )
+    if net.net is None:
+        return net, None
+    # plain gradient ascent: the step is proportional to the penalty P (an Adam step would raise lambda at a
+    # constant pace whatever P is, 1 -> 1e3 in 30 steps on the tiny world)
+    return net, torch.optim.SGD(net.parameters(), lr=config.lambda_lr, maximize=True)

@@ -1,0 +1,210 @@
+"""``odedit-hf edit``: a full run on a tiny saved model, and clear errors for bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from odedit_hf.cli.main import main
+from odedit_hf.testing import tiny_backbone
+from odedit_hf.testing.tiny import tiny_image
+
+WORDS = ["what is the capital of France? Tokyo Paris London", "which animal is this? a red square blue yes"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    backbone = tiny_backbone("llava", seed=0, texts=WORDS)
+    backbone.model.save_pretrained(folder)
+    backbone.processor.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    for i in range(2):
+        tiny_image(i).save(folder / f"img{i}.png")
+    record = {
+        "src": "what is the capital of France?",
+        "pred": "Paris",
+        "alt": "Tokyo",
+        "image": "img0.png",
+        "rephrase": "which animal is this?",
+        "image_rephrase": "img1.png",
+        "loc": "what is the capital of France?",
+        "loc_ans": "Paris",
+        "m_loc": "img1.png",
+        "m_loc_q": "which animal is this?",
+        "m_loc_a": "a red square",
+    }
+    path = folder / "edits.json"
+    path.write_text(json.dumps([record, {**record, "alt": "London"}, {**record, "alt": "yes"}]))
+    return str(path)
+
+
+def test_edit_runs_end_to_end_and_writes_results(tiny_model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    argv = ["edit", "--model", tiny_model_dir, "--data", data_file, "--method", "lora", "--n", "2"]
+    argv += ["--steps", "5", "--stop-loss", "none", "--seed", "7", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "reliability" in printed and "easyedit" in printed and str(out) in printed
+    report = json.loads(out.read_text())
+    assert report["method"] == "lora" and report["protocol"] == "single" and report["seed"] == 7
+    assert report["n_edits"] == 2 and len(report["edits"]) == 2
+    assert all(row["steps"] == 5 for row in report["edits"])  # --stop-loss none: every step runs
+    assert report["config"]["method_hyperparameters"]["steps"] == 5
+    assert report["rollback"]["checks"] == 3
+    assert report["timing"]["edit_wall_time_s_median"] > 0
+    assert set(report["aggregates"]["post"]) >= {"reliability", "t_locality_easyedit", "m_generality_em"}
+
+
+def test_bad_method_is_a_clear_error(tiny_model_dir, data_file, tmp_path, capsys):
+    rc = main(
+        [
+            "edit",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            data_file,
+            "--method",
+            "rome",
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "unknown --method 'rome'" in err and "ft" in err and "lora" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_missing_data_file_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    missing = tmp_path / "nope.json"
+    rc = main(
+        [
+            "edit",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            str(missing),
+            "--method",
+            "ft",
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "nope.json" in err and "no such file" in err
+
+
+def test_unknown_model_type_is_a_clear_error(data_file, tmp_path, capsys):
+    from transformers import BertConfig
+
+    model_dir = tmp_path / "bert"
+    BertConfig(
+        hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8
+    ).save_pretrained(model_dir)
+    rc = main(
+        [
+            "edit",
+            "--model",
+            str(model_dir),
+            "--data",
+            data_file,
+            "--method",
+            "ft",
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "'bert'" in err and "llava" in err  # names the type and lists the supported ones
+
+
+def test_hyperparameter_for_the_wrong_method_is_a_clear_error(tiny_model_dir, data_file, tmp_path, capsys):
+    rc = main(
+        [
+            "edit",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            data_file,
+            "--method",
+            "ft",
+            "--rank",
+            "4",
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert rc == 2
+    assert "rank" in capsys.readouterr().err
+
+
+def test_missing_model_is_a_clear_error(data_file, tmp_path, capsys):
+    rc = main(
+        [
+            "edit",
+            "--model",
+            str(tmp_path / "no-model"),
+            "--data",
+            data_file,
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert rc == 2
+    assert "no-model" in capsys.readouterr().err
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    text = capsys.readouterr().out
+    for flag in (
+        "--model",
+        "--data",
+        "--method",
+        "--protocol",
+        "--n",
+        "--seed",
+        "--out",
+        "--trust-remote-code",
+        "--steps",
+    ):
+        assert flag in text
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+@pytest.mark.slow
+def test_demo_and_edit_on_a_world_folder(micro_world, tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    argv = [
+        "demo",
+        "--preset",
+        "micro",
+        "--world-dir",
+        micro_world.root,
+        "--n",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "reliability" in printed and "m_locality" in printed
+    report = json.loads(out.read_text())
+    assert report["n_edits"] == 3 and report["method"] == "ft" and report["protocol"] == "single"
+    # the world folder is also valid --data for `edit` (its VQA eval file and image roots)
+    out2 = tmp_path / "edit.json"
+    argv = ["edit", "--model", micro_world.model_dir, "--data", micro_world.root, "--n", "2", "--steps", "3"]
+    assert main([*argv, "--out", str(out2), "--no-progress"]) == 0
+    assert json.loads(out2.read_text())["config"]["data"] == os.path.abspath(micro_world.root)

@@ -1,0 +1,122 @@
+"""Metric functions on hand-made logits whose right answers are known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from odedit_hf.evaluation.metrics import (
+    EASYEDIT_IMAGE_TOPK,
+    answer_agreement,
+    easyedit_agreement,
+    token_accuracy,
+    topk_ids,
+)
+
+V = 12
+IGN = -100
+
+
+def one_hot_logits(ids: list[list[int]], vocab: int = V) -> torch.Tensor:
+    """Logits (B, T, V) whose top-1 at [b, t] is ids[b][t], with a fixed, distinct order below it."""
+    t = torch.tensor(ids)
+    base = torch.linspace(0.0, 1.0, vocab).expand(*t.shape, vocab).clone()  # ties never happen
+    return base.scatter(-1, t.unsqueeze(-1), 10.0)
+
+
+def test_token_accuracy_known_answers():
+    # sample 0: targets at positions 2, 3 (predicted from positions 1, 2), both right
+    # sample 1: targets at positions 1, 2, 3; the prediction for position 2 is wrong
+    labels = torch.tensor([[IGN, IGN, 5, 6], [IGN, 7, 8, 9]])
+    preds = [[0, 5, 6, 0], [7, 4, 9, 0]]  # logits at t predict labels[t + 1]
+    acc, em = token_accuracy(one_hot_logits(preds), labels)
+    assert acc.tolist() == pytest.approx([1.0, 2 / 3])
+    assert em.tolist() == [1.0, 0.0]
+
+
+def test_token_accuracy_ignores_positions_outside_the_target():
+    labels = torch.tensor([[IGN, IGN, 3, IGN]])  # one target token; padding after it
+    right = one_hot_logits([[1, 3, 9, 9]])
+    wrong_elsewhere = one_hot_logits([[9, 3, 1, 1]])
+    assert token_accuracy(right, labels)[0].item() == 1.0
+    assert token_accuracy(wrong_elsewhere, labels)[0].item() == 1.0
+    assert token_accuracy(one_hot_logits([[1, 4, 9, 9]]), labels)[1].item() == 0.0
+
+
+def test_token_accuracy_rejects_samples_without_target_and_bad_shapes():
+    with pytest.raises(ValueError, match="no labelled target token"):
+        token_accuracy(
+            one_hot_logits([[1, 2, 3]]), torch.tensor([[5, IGN, IGN]])
+        )  # label only at t=0: lost by the shift
+    with pytest.raises(ValueError, match="same B and T"):
+        token_accuracy(torch.zeros(1, 3, V), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_answer_agreement_counts_only_answer_positions():
+    labels = torch.tensor([[IGN, IGN, IGN, 4, 5]])  # answer tokens at 3, 4 -> predicted from positions 2, 3
+    pre = one_hot_logits([[1, 2, 3, 4, 5]])
+    post_prompt_changed = one_hot_logits(
+        [[9, 9, 3, 4, 0]]
+    )  # positions 0, 1, 4 differ: none predicts an answer
+    post_one_answer_changed = one_hot_logits([[1, 2, 3, 7, 5]])  # position 3 differs
+    assert answer_agreement(pre, post_prompt_changed, labels).item() == 1.0
+    assert answer_agreement(pre, post_one_answer_changed, labels).item() == 0.5
+    # agreement, not correctness: both models wrong in the same way still agree
+    assert answer_agreement(pre, pre.clone(), labels).item() == 1.0
+
+
+def test_answer_agreement_accepts_precomputed_ids():
+    labels = torch.tensor([[IGN, 4, 5, 6], [IGN, IGN, 2, IGN]])
+    pre = one_hot_logits([[4, 5, 6, 0], [0, 2, 1, 1]])
+    post = one_hot_logits([[4, 0, 6, 0], [0, 2, 3, 3]])
+    from_logits = answer_agreement(pre, post, labels)
+    from_ids = answer_agreement(topk_ids(pre, EASYEDIT_IMAGE_TOPK), post, labels)
+    assert from_logits.tolist() == pytest.approx([2 / 3, 1.0])
+    assert torch.equal(from_logits, from_ids)
+
+
+def test_easyedit_agreement_top1_over_all_real_positions():
+    pre = one_hot_logits([[1, 2, 3, 4]])
+    post = one_hot_logits([[1, 2, 9, 9]])
+    mask = torch.tensor([[1, 1, 1, 0]])  # last position is padding
+    assert easyedit_agreement(pre, post, mask, k=1).item() == pytest.approx(2 / 3)
+    assert easyedit_agreement(pre, post, torch.ones(1, 4, dtype=torch.long), k=1).item() == pytest.approx(0.5)
+
+
+def test_easyedit_agreement_is_element_wise_top_k():
+    # Same top-10 set at the one position, but slots 1 and 2 swapped: element-wise comparison sees 8 of 10 equal.
+    pre = torch.arange(V, dtype=torch.float32).flip(0).view(1, 1, V).clone()  # order 0, 1, 2, ..., 11
+    post = pre.clone()
+    post[0, 0, 1], post[0, 0, 2] = pre[0, 0, 2], pre[0, 0, 1]
+    mask = torch.ones(1, 1, dtype=torch.long)
+    assert easyedit_agreement(pre, post, mask, k=10).item() == pytest.approx(0.8)
+    assert easyedit_agreement(pre, post, mask, k=1).item() == 1.0
+    # a change below the top 10 does not count
+    post2 = pre.clone()
+    post2[0, 0, 10], post2[0, 0, 11] = pre[0, 0, 11], pre[0, 0, 10]
+    assert easyedit_agreement(pre, post2, mask, k=10).item() == 1.0
+
+
+def test_easyedit_agreement_checks_inputs():
+    pre = one_hot_logits([[1, 2]])
+    with pytest.raises(ValueError, match="no non-padding"):
+        easyedit_agreement(pre, pre, torch.zeros(1, 2, dtype=torch.long), k=1)
+    with pytest.raises(ValueError, match="precomputed ids"):
+        easyedit_agreement(topk_ids(pre, 1), pre, torch.ones(1, 2, dtype=torch.long), k=10)
+    with pytest.raises(ValueError, match="k must lie"):
+        topk_ids(pre, V + 1)
+
+
+def test_metrics_per_sample_in_a_batch_and_random_cross_check():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, V, generator=gen)
+    labels = torch.full((3, 7), IGN)
+    labels[0, 4:] = torch.tensor([1, 2, 3])
+    labels[1, 6] = 5
+    labels[2, 1:6] = torch.tensor([0, 1, 2, 3, 4])
+    acc, em = token_accuracy(logits, labels)
+    for b in range(3):  # the definition, written out by hand
+        pos = (labels[b, 1:] != IGN).nonzero().flatten()
+        right = [(logits[b, t].argmax() == labels[b, t + 1]).item() for t in pos.tolist()]
+        assert acc[b].item() == pytest.approx(sum(right) / len(right))
+        assert em[b].item() == float(all(right))

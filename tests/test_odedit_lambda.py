@@ -1,0 +1,113 @@
+"""The λ-network (params / sketch / fixed), the count-sketch, and the dual step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from odedit_hf.odedit.lambda_net import LambdaNetwork, count_sketch, lambda_network_num_parameters
+from odedit_hf.odedit.objective import dual_step
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(3, 5, generator=gen)),
+        torch.nn.Parameter(torch.randn(7, generator=gen)),
+    ]
+
+
+def _dense_sketch_matrix(params: list[torch.Tensor], k: int, seed: int) -> torch.Tensor:
+    """The sketch as an explicit (k, n) matrix, by sketching the unit vectors."""
+    n = sum(p.numel() for p in params)
+    cols = []
+    for j in range(n):
+        flat = torch.zeros(n)
+        flat[j] = 1.0
+        parts, offset = [], 0
+        for p in params:
+            parts.append(flat[offset : offset + p.numel()].reshape(p.shape))
+            offset += p.numel()
+        cols.append(count_sketch(parts, k, seed))
+    return torch.stack(cols, dim=1)
+
+
+def test_count_sketch_is_a_fixed_signed_bucketing_with_exact_gradient() -> None:
+    params = _params()
+    k, seed = 6, 11
+    s = _dense_sketch_matrix([p.detach() for p in params], k, seed)
+    # every coordinate lands in exactly one bucket with sign +-1
+    assert torch.equal((s != 0).sum(0), torch.ones(s.shape[1], dtype=torch.long))
+    assert set(s.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    out = count_sketch(params, k, seed)
+    assert torch.allclose(out, s @ flat, atol=1e-6)
+    # deterministic from the seed, different for another seed
+    assert torch.equal(out, count_sketch(params, k, seed))
+    assert not torch.equal(out, count_sketch(params, k, seed + 1))
+    # gradient = S^T grad_out (autograd against the explicit matrix)
+    w = torch.randn(k, generator=torch.Generator().manual_seed(1))
+    (out * w).sum().backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in params])
+    assert torch.allclose(grad, s.T @ w, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["params", "sketch", "fixed"])
+def test_lambda_starts_at_lambda_init_and_is_deterministic(mode: str) -> None:
+    params = _params()
+    n = sum(p.numel() for p in params)
+    net = LambdaNetwork(mode, n, hidden_size=8, sketch_dim=4, seed=5, lambda_init=0.7)
+    assert float(net(params)) == pytest.approx(0.7, rel=1e-5)
+    again = LambdaNetwork(mode, n, hidden_size=8, sketch_dim=4, seed=5, lambda_init=0.7)
+    for a, b in zip(net.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+    assert sum(p.numel() for p in net.parameters()) == lambda_network_num_parameters(mode, n, 8, 4)
+
+
+def test_lambda_network_checks_its_input_size() -> None:
+    net = LambdaNetwork("params", 10, hidden_size=4)
+    with pytest.raises(ValueError, match="built for 10 edit parameters"):
+        net(_params())
+    with pytest.raises(ValueError, match="mode must be"):
+        LambdaNetwork("dense", 10)
+
+
+@pytest.mark.parametrize("mode", ["params", "sketch"])
+def test_dual_step_raises_lambda_when_the_penalty_is_positive(mode: str) -> None:
+    params = _params()
+    n = sum(p.numel() for p in params)
+    net = LambdaNetwork(mode, n, hidden_size=8, sketch_dim=4, seed=0, lambda_init=1.0)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, maximize=True)
+    penalty = torch.tensor(0.3)
+    lam0 = float(net(params))
+    for _ in range(5):
+        loss = torch.tensor(2.0) + net(params) * penalty  # R + lambda * P
+        loss.backward()
+        dual_step(net, opt)
+    assert float(net(params)) > lam0 + 1e-3
+    # gradients were consumed
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_dual_step_leaves_lambda_when_the_penalty_is_zero() -> None:
+    params = _params()
+    net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4)
+    opt = torch.optim.SGD(net.parameters(), lr=1.0, maximize=True)
+    lam0 = float(net(params))
+    (net(params) * torch.tensor(0.0)).backward()
+    dual_step(net, opt)
+    assert float(net(params)) == pytest.approx(lam0)
+
+
+def test_lambda_max_clamps() -> None:
+    net = LambdaNetwork("sketch", 22, hidden_size=4, sketch_dim=4, lambda_init=1.0, lambda_max=1.5)
+    with torch.no_grad():
+        net.net[4].bias.fill_(10.0)
+    assert float(net(_params())) == pytest.approx(1.5)
+
+
+def test_sketch_memory_is_independent_of_the_edit_size() -> None:
+    small = lambda_network_num_parameters("sketch", 10**3, 64, 128)
+    huge = lambda_network_num_parameters("sketch", 10**9, 64, 128)
+    assert small == huge
+    assert lambda_network_num_parameters("params", 10**6, 64, 128) > 64 * 10**6

@@ -1,0 +1,300 @@
+"""ODEditMethod (the per-edit primal-dual loop) on a tiny LLaVA, its CLI flags, and adapter saving."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+import torch
+
+import odedit_hf  # noqa: F401
+from odedit_hf.odedit.method import ODEditDivergedError, ODEditMethod, odedit_method
+
+TEXTS = [
+    "what color is the cube",
+    "which colour has the cube",
+    "what is the capital of france",
+    "what animal is this",
+    "red",
+    "blue",
+    "paris",
+    "cat",
+]
+
+
+@pytest.fixture(scope="module")
+def requests(tmp_path_factory):  # noqa: ANN001
+    from odedit_hf.data import EditRequest
+    from odedit_hf.testing import tiny_image
+
+    root = tmp_path_factory.mktemp("images")
+    paths = []
+    for i in range(4):
+        path = os.path.join(root, f"img{i}.png")
+        tiny_image(i).save(path)
+        paths.append(path)
+    common = {
+        "task": "vqa",
+        "source": "in-memory",
+        "pred": "red",
+        "rephrase": "which colour has the cube",
+        "loc": "what is the capital of france",
+        "loc_ans": "paris",
+        "m_loc": paths[3],
+        "m_loc_q": "what animal is this",
+        "m_loc_a": "cat",
+    }
+    return [
+        EditRequest(
+            case_id=0,
+            src="what color is the cube",
+            alt="blue",
+            image=paths[0],
+            image_rephrase=paths[1],
+            **common,
+        ),
+        EditRequest(
+            case_id=1,
+            src="what color is the cube",
+            alt="paris",
+            image=paths[2],
+            image_rephrase=paths[0],
+            **common,
+        ),
+    ]
+
+
+def _backbone():  # noqa: ANN202
+    from odedit_hf.testing import tiny_backbone
+
+    return tiny_backbone("llava", texts=TEXTS)
+
+
+def _editor(kind: str, steps: int = 12):  # noqa: ANN202
+    from odedit_hf.editing import FTMethod, LoRAMethod
+
+    if kind == "lora":
+        return LoRAMethod(steps=steps, lr=2e-2, stop_loss=None, rank=4)
+    return FTMethod(steps=steps, lr=2e-3, stop_loss=None)
+
+
+def _wrap(method, backbone):  # noqa: ANN001, ANN202
+    from peft import get_peft_model
+
+    from odedit_hf.editing import BaseWeights
+
+    base = BaseWeights(backbone.model)
+    digest = base.digest()
+    return get_peft_model(backbone.model, method.peft_config(backbone)), base, digest
+
+
+@pytest.mark.parametrize("kind", ["ft", "lora"])
+@pytest.mark.parametrize("lambda_mode", ["params", "sketch"])
+def test_edit_lowers_the_reliability_risk_and_keeps_the_base(kind: str, lambda_mode: str, requests) -> None:  # noqa: ANN001
+    backbone = _backbone()
+    method = ODEditMethod(_editor(kind), objective={"lambda_mode": lambda_mode})
+    peft_model, base, digest = _wrap(method, backbone)
+    stats = method.edit(peft_model, backbone, requests[:1])
+    assert stats.steps == 12 and len(stats.losses) == 13
+    assert stats.losses[-1] < stats.losses[0]
+    assert all(torch.isfinite(torch.tensor(stats.losses)))
+    base.check(digest, context="after an ODEdit edit")
+    assert method.name == f"odedit+{kind}"
+
+
+def test_the_loop_uses_the_same_objective_as_the_trainer(requests) -> None:  # noqa: ANN001
+    """One manual step of ODEditObjective reproduces the method's first loss."""
+    from odedit_hf.odedit.objective import ODEditObjective, build_lambda_network
+    from odedit_hf.odedit.risks import build_edit_batch
+
+    backbone = _backbone()
+    method = ODEditMethod(_editor("lora", steps=1), objective={"lambda_mode": "sketch"})
+    peft_model, _, _ = _wrap(method, backbone)
+    config = peft_model.peft_config["default"]
+    objective = ODEditObjective(config, backbone)
+    batch = build_edit_batch(backbone, requests, config)
+    with peft_model.disable_adapter():
+        objective.prepare(backbone.forward, batch)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    net, _ = build_lambda_network(config, params)
+    with torch.no_grad():
+        expected = objective(backbone.forward, batch, net(params))
+    stats = method.edit(peft_model, backbone, requests)
+    assert stats.losses[0] == pytest.approx(float(expected.total), rel=1e-5)
+    # a fresh adapter changes nothing yet: no locality risk, no locality omega-gradient
+    assert float(expected.r_loc) == pytest.approx(0.0, abs=1e-6)
+    assert float(expected.omega_grads["ood"]) == pytest.approx(0.0, abs=1e-6)
+    assert set(expected.omega_grads) == {"in_distribution", "neighbours", "ood"}
+
+
+@pytest.mark.parametrize(
+    ("objective", "present", "absent"),
+    [
+        ({"loc_risk": False}, ["r_gen", "penalty"], ["r_loc"]),
+        ({"gen_risk": False}, ["r_loc", "penalty"], ["r_gen"]),
+        ({"irm_penalty": False}, ["r_loc", "r_gen"], ["penalty", "lambda"]),
+        ({"irm_penalty": False, "loc_risk": False, "gen_risk": False}, [], ["r_loc", "r_gen", "penalty"]),
+    ],
+)
+def test_ablation_switches_drop_their_terms(objective, present, absent, requests) -> None:  # noqa: ANN001
+    from odedit_hf.odedit.objective import ODEditObjective
+    from odedit_hf.odedit.risks import build_edit_batch
+
+    backbone = _backbone()
+    method = ODEditMethod(_editor("lora"), objective=objective)
+    peft_model, _, _ = _wrap(method, backbone)
+    config = peft_model.peft_config["default"]
+    obj = ODEditObjective(config, backbone)
+    batch = build_edit_batch(backbone, requests[:1], config)
+    with peft_model.disable_adapter():
+        obj.prepare(backbone.forward, batch)
+    with torch.no_grad():
+        terms = obj(backbone.forward, batch, torch.tensor(1.0)).as_floats()
+    for name in present:
+        assert name in terms
+    for name in absent:
+        assert name not in terms
+    if not present:  # everything off: ODEdit's loss is the plain editors' loss
+        from odedit_hf.editing import target_nll
+
+        plain = backbone.build_batch(
+            [__import__("odedit_hf.editing", fromlist=["edit_sample"]).edit_sample(requests[0])]
+        )
+        with torch.no_grad():
+            assert terms["loss"] == pytest.approx(float(target_nll(peft_model, backbone, plain)), rel=1e-5)
+
+
+class _PoisoningEditor:
+    """An editor whose post-step hook writes NaN into the edit parameters at step 2 (a diverging edit)."""
+
+    name = "poison"
+
+    def __init__(self, inner) -> None:  # noqa: ANN001
+        self.inner = inner
+        self.loop = inner.loop
+
+    def peft_config(self, backbone):  # noqa: ANN001, ANN201
+        return self.inner.peft_config(backbone)
+
+    def post_step(self, peft_model):  # noqa: ANN001, ANN201
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+
+        def hook(step: int) -> None:
+            if step == 2:
+                with torch.no_grad():
+                    for p in params:
+                        p.fill_(float("nan"))
+
+        return hook
+
+
+def test_a_diverging_edit_stops_with_a_clear_error_and_restores_the_adapter(requests) -> None:  # noqa: ANN001
+    backbone = _backbone()
+    method = ODEditMethod(_PoisoningEditor(_editor("ft", steps=6)))
+    peft_model, base, digest = _wrap(method, backbone)
+    with torch.no_grad():  # a previous edit's state, which the failed edit must give back
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.fill_(0.01)
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    with pytest.raises(
+        ODEditDivergedError, match="loss is nan at step 3.*restored to its state before this edit"
+    ):
+        method.edit(peft_model, backbone, requests[:1])
+    for name, param in peft_model.named_parameters():
+        if name in before:
+            assert torch.equal(param, before[name]), name
+    base.check(digest, context="after a diverged ODEdit edit")
+
+
+def test_odedit_method_factory_splits_editor_and_objective_hyperparameters() -> None:
+    from odedit_hf.editing import get_method
+
+    method = odedit_method("lora", rank=2, alpha=4.0, steps=3, lambda_mode="fixed", odedit_alpha=0.5)
+    assert method.editor.rank == 2 and method.editor.alpha == 4.0 and method.loop.steps == 3
+    assert method.objective == {"lambda_mode": "fixed", "alpha": 0.5}
+    via_registry = get_method("odedit", editor="ft", steps=2, num_rephrases=2)
+    assert via_registry.editor.name == "ft" and via_registry.objective == {"num_rephrases": 2}
+    with pytest.raises(ValueError, match="unknown ODEdit hyperparameters"):
+        ODEditMethod(method.editor, objective={"gamma": 1.0})
+    with pytest.raises(ValueError, match="cannot wrap itself"):
+        odedit_method("odedit")
+
+
+def test_cli_flags_build_the_method() -> None:
+    from odedit_hf.odedit.cli_args import add_odedit_arguments, method_from_args
+
+    parser = argparse.ArgumentParser()
+    add_odedit_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--editor",
+            "lora",
+            "--no-gen-risk",
+            "--lambda-mode",
+            "sketch",
+            "--num-rephrases",
+            "2",
+            "--odedit-alpha",
+            "0.5",
+            "--mmd-bandwidth-multipliers",
+            "1,2",
+        ]
+    )
+    args.method_arg = []  # normally added by the edit CLI
+    method = method_from_args(args)
+    assert method.editor.name == "lora"
+    assert method.objective == {
+        "alpha": 0.5,
+        "num_rephrases": 2,
+        "lambda_mode": "sketch",
+        "mmd_bandwidth_multipliers": (1.0, 2.0),
+        "gen_risk": False,
+    }
+    assert args.save_adapter is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lambda-mode", "dense"])
+
+
+def test_save_adapter_writes_a_standard_peft_folder(requests, tmp_path) -> None:  # noqa: ANN001
+    from peft import PeftModel
+
+    from odedit_hf.odedit.cli_args import save_adapter
+
+    backbone = _backbone()
+    method = ODEditMethod(_editor("lora", steps=3))
+    peft_model, _, _ = _wrap(method, backbone)
+    method.edit(peft_model, backbone, requests[:1])
+    target = tmp_path / "edits"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    path = save_adapter(peft_model, target)
+    assert sorted(os.listdir(path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    loaded = PeftModel.from_pretrained(_backbone().model, path)
+    batch = {k: v for k, v in backbone.build_batch([_edit_sample(requests[0])]).items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, peft_model(**batch).logits)
+
+
+def _edit_sample(request):  # noqa: ANN001, ANN202
+    from odedit_hf.editing import edit_sample
+
+    return edit_sample(request)
+
+
+def test_cli_flags_combine_with_the_edit_command_flags() -> None:
+    from odedit_hf.cli.edit import add_edit_arguments
+    from odedit_hf.odedit.cli_args import add_odedit_arguments, method_from_args
+
+    parser = argparse.ArgumentParser()
+    add_edit_arguments(parser)
+    add_odedit_arguments(parser)
+    args = parser.parse_args(
+        "--model m --data d --out o --method odedit --editor lora --rank 2 --alpha 4 --steps 3 "
+        "--method-arg lambda_mode=fixed --method-arg odedit_alpha=0.2 --odedit-beta 0.1 --save-adapter out/ad".split()
+    )
+    method = method_from_args(args)
+    assert (method.editor.rank, method.editor.alpha, method.loop.steps) == (2, 4.0, 3)
+    assert method.objective == {"lambda_mode": "fixed", "alpha": 0.2, "beta": 0.1}
+    assert args.save_adapter == "out/ad"
