@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from odedit_hf.cli.bench import add_kernel_arguments, prepare_triton_interpreter
+from odedit_hf.cli.bench import add_kernel_arguments, run
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
@@ -27,17 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )
-    prepare_triton_interpreter()
-    from odedit_kernels.bench import run_from_args
-
-    try:
-        table, paths = run_from_args(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(table)
-    print("\nwrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return run(args)
 
 
 if __name__ == "__main__":
