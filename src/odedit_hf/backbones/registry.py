@@ -10,7 +10,7 @@ transformers 5.x class layouts and are resolved against a real tiny model of eve
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
@@ -164,20 +164,6 @@ def _builtin_specs() -> dict[str, BackboneSpec]:
             mm_token_type_ids=True,
         ),
         BackboneSpec(
-            model_type="qwen2_5_vl",
-            multimodal=True,
-            layers="model.language_model.layers",
-            ffn_projections=_LLAMA_MLP,
-            default_edit_projections=("mlp.down_proj",),
-            final_norm="model.language_model.norm",
-            lm_head="lm_head",
-            vision_tower="model.visual",
-            projector="model.visual.merger",
-            image_placeholder="<|vision_start|>{image_token}<|vision_end|>",
-            image_token_rule="qwen_vl",
-            mm_token_type_ids=True,
-        ),
-        BackboneSpec(
             model_type="qwen3_vl",
             multimodal=True,
             layers="model.language_model.layers",
@@ -257,6 +243,9 @@ def _builtin_specs() -> dict[str, BackboneSpec]:
             image_placeholder=None,
         ),
     ]
+    qwen2_vl = next(s for s in specs if s.model_type == "qwen2_vl")
+    # Qwen2.5-VL keeps Qwen2-VL's module layout and image-token scheme (only the vision blocks differ inside)
+    specs.append(replace(qwen2_vl, model_type="qwen2_5_vl"))
     return {s.model_type: s for s in specs}
 
 

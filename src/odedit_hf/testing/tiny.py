@@ -247,16 +247,21 @@ def _qwen_vl_tokenizer(corpus: Sequence[str]) -> Any:
     return train_tokenizer(corpus, extra_special_tokens=[*_QWEN_SPECIALS, "<|image_pad|>"], add_bos=False)
 
 
+def _qwen_vl_text_kwargs(tok: Any, text: Mapping[str, Any]) -> dict[str, Any]:
+    # multimodal RoPE over (time, height, width): mrope_section must sum to head_dim / 2
+    return {
+        **_text_config_kwargs(tok, text),
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
+    }
+
+
 def _qwen2_vl(corpus: Sequence[str], chat: bool, text: Mapping[str, Any]) -> tuple[Any, Any]:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     tok = _qwen_vl_tokenizer(corpus)
-    text_kwargs = {**_text_config_kwargs(tok, text), "num_attention_heads": 2, "num_key_value_heads": 1}
-    text_kwargs["rope_parameters"] = {
-        "rope_type": "default",
-        "rope_theta": 10000.0,
-        "mrope_section": [4, 2, 2],
-    }
+    text_kwargs = _qwen_vl_text_kwargs(tok, text)
     config = Qwen2VLConfig(
         text_config=text_kwargs,
         vision_config={
@@ -277,12 +282,7 @@ def _qwen2_5_vl(corpus: Sequence[str], chat: bool, text: Mapping[str, Any]) -> t
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tok = _qwen_vl_tokenizer(corpus)
-    text_kwargs = {**_text_config_kwargs(tok, text), "num_attention_heads": 2, "num_key_value_heads": 1}
-    text_kwargs["rope_parameters"] = {
-        "rope_type": "default",
-        "rope_theta": 10000.0,
-        "mrope_section": [4, 2, 2],
-    }
+    text_kwargs = _qwen_vl_text_kwargs(tok, text)
     config = Qwen2_5_VLConfig(
         text_config=text_kwargs,
         vision_config={
@@ -306,18 +306,8 @@ def _qwen3_vl(corpus: Sequence[str], chat: bool, text: Mapping[str, Any]) -> tup
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     tok = _qwen_vl_tokenizer(corpus)
-    text_kwargs = {
-        **_text_config_kwargs(tok, text),
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 16,
-    }
-    text_kwargs["rope_parameters"] = {
-        "rope_type": "default",
-        "rope_theta": 10000.0,
-        "mrope_section": [4, 2, 2],
-        "mrope_interleaved": True,
-    }
+    text_kwargs = {**_qwen_vl_text_kwargs(tok, text), "head_dim": 16}
+    text_kwargs["rope_parameters"]["mrope_interleaved"] = True
     config = Qwen3VLConfig(
         text_config=text_kwargs,
         vision_config={

@@ -339,7 +339,7 @@ def teacher_forced_accuracy(
 
     One forward pass per batch; logits at t predict the label at t + 1.
     """
-    from odedit_hf.backbones import shift_logits_labels
+    from odedit_hf.evaluation.metrics import token_accuracy
 
     if not samples:
         raise ValueError("teacher_forced_accuracy: no samples")
@@ -352,11 +352,7 @@ def teacher_forced_accuracy(
         chunk = list(samples[start : start + batch_size])
         batch = backbone.build_batch(chunk, device=device)
         labels = batch.pop("labels")
-        logits = model(**batch).logits
-        logits, labels = shift_logits_labels(logits, labels)
-        mask = labels != -100
-        correct = (logits.argmax(-1) == labels) & mask
-        per = correct.sum(1).float() / mask.sum(1).clamp(min=1).float()
-        accs.extend(per.tolist())
-        ems.extend((correct.sum(1) == mask.sum(1)).float().tolist())
+        acc, em = token_accuracy(model(**batch).logits, labels)
+        accs.extend(acc.tolist())
+        ems.extend(em.tolist())
     return sum(accs) / len(accs), sum(ems) / len(ems)
