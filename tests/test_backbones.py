@@ -391,3 +391,39 @@ def test_family_that_cannot_mix_images_raises(backbones) -> None:
     finally:
         register_backbone(original, overwrite=True)
     assert get_backbone_spec("llava") is original
+
+
+def test_frozen_vision_cache_runs_the_tower_once_per_image_batch() -> None:
+    backbone = tiny_backbone("llava", texts=["what is this", "a cat"])
+    model = backbone.model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    batch = backbone.build_batch([PromptSample(prompt="what is this", target="a cat", image=tiny_image(0))])
+    batch.pop("labels")
+    tower = backbone.get_module("vision_tower")
+    runs = []
+    first_conv = next(m for m in tower.modules() if isinstance(m, torch.nn.Conv2d))
+    handle = first_conv.register_forward_hook(lambda *_: runs.append(1))
+    try:
+        with torch.no_grad():
+            plain = model(**batch).logits
+            runs.clear()
+            with backbone.frozen_vision_cache() as active:
+                assert active
+                cached = [model(**batch).logits for _ in range(3)]
+                assert len(runs) == 1, "the tower must run once for the same pixel_values tensor"
+                other = dict(batch, pixel_values=batch["pixel_values"].clone())
+                model(**other)
+                assert len(runs) == 2, "another tensor is another image batch"
+                batch["pixel_values"].mul_(1.0)  # an in-place write invalidates the memo
+                model(**batch)
+                assert len(runs) == 3
+            assert "forward" not in tower.__dict__, "the tower's forward is restored at exit"
+            for logits in cached:
+                assert torch.equal(logits, plain)
+            # a trainable tower is never memoised
+            next(tower.parameters()).requires_grad_(True)
+            with backbone.frozen_vision_cache() as active:
+                assert not active
+    finally:
+        handle.remove()

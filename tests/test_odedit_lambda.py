@@ -52,6 +52,36 @@ def test_count_sketch_is_a_fixed_signed_bucketing_with_exact_gradient() -> None:
     assert torch.allclose(grad, s.T @ w, atol=1e-6)
 
 
+def test_count_sketch_memo_matches_rehashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from odedit_hf.odedit import lambda_net
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        params = [p.detach().clone().requires_grad_(True) for p in _params()]
+        out = count_sketch(params, 7, 3)
+        (out * torch.arange(7.0)).sum().backward()
+        return out.detach(), torch.cat([p.grad.reshape(-1) for p in params])
+
+    monkeypatch.setattr(lambda_net, "_memo", type(lambda_net._memo)())
+    monkeypatch.setattr(lambda_net, "SKETCH_MEMO_BYTES", 0)
+    rehashed = run()
+    assert not lambda_net._memo, "memo off: nothing may be kept"
+    monkeypatch.setattr(lambda_net, "SKETCH_MEMO_BYTES", 1 << 20)
+    first, second = run(), run()
+    assert len(lambda_net._memo) == len(_params()), "one table per parameter tensor"
+    for a, b, c in zip(rehashed, first, second):
+        assert torch.equal(a, b) and torch.equal(b, c)
+    # a tight budget evicts the least recently used tables
+    monkeypatch.setattr(
+        lambda_net,
+        "SKETCH_MEMO_BYTES",
+        4 * lambda_net._MEMO_BYTES_PER_COORDINATE * max(p.numel() for p in _params()),
+    )
+    for seed in range(10):
+        count_sketch(_params(), 5, 100 + seed)
+    assert 0 < lambda_net._memo_bytes() <= lambda_net.SKETCH_MEMO_BYTES
+    assert (15, 5, 100 + 9, "cpu") in lambda_net._memo, "the newest table stays"
+
+
 @pytest.mark.parametrize("mode", ["params", "sketch", "fixed"])
 def test_lambda_starts_at_lambda_init_and_is_deterministic(mode: str) -> None:
     params = _params()

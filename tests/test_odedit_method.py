@@ -298,3 +298,87 @@ def test_cli_flags_combine_with_the_edit_command_flags() -> None:
     assert (method.editor.rank, method.editor.alpha, method.loop.steps) == (2, 4.0, 3)
     assert method.objective == {"lambda_mode": "fixed", "alpha": 0.2, "beta": 0.1}
     assert args.save_adapter == "out/ad"
+
+
+@pytest.mark.parametrize("kind", ["ft", "lora"])
+def test_adapter_is_identity_until_the_first_step(kind: str, requests) -> None:  # noqa: ANN001
+    backbone = _backbone()
+    editor = _editor(kind, steps=1)
+    peft_model = _wrap(editor, backbone)[0]
+    assert editor.adapter_is_identity(peft_model)
+    editor.edit(peft_model, backbone, requests[:1])
+    assert not editor.adapter_is_identity(peft_model)
+
+
+@pytest.mark.parametrize("kind", ["ft", "lora"])
+def test_step_zero_records_the_same_pre_edit_state_as_the_disabled_pass(kind: str, requests) -> None:  # noqa: ANN001
+    """With an identity adapter, step 0's forward gives the very pre-edit state prepare() measures."""
+    from odedit_hf.odedit.objective import ODEditObjective
+    from odedit_hf.odedit.risks import build_edit_batch
+
+    backbone = _backbone()
+    method = ODEditMethod(_editor(kind))
+    peft_model, _, _ = _wrap(method, backbone)
+    config = peft_model.peft_config["default"]
+    batch = build_edit_batch(backbone, requests, config)
+    prepared, from_step = ODEditObjective(config, backbone), ODEditObjective(config, backbone)
+    with peft_model.disable_adapter():
+        prepared.prepare(backbone.forward, batch)
+    with pytest.raises(ValueError, match="no pre-edit state"):
+        from_step(backbone.forward, batch, torch.tensor(0.001))
+    with torch.no_grad():
+        terms = from_step(backbone.forward, batch, torch.tensor(0.001), pre_edit=True)
+    assert prepared.pre.loc_rows.keys() == from_step.pre.loc_rows.keys() and prepared.pre.loc_rows
+    for key, rows in prepared.pre.loc_rows.items():
+        assert torch.equal(rows, from_step.pre.loc_rows[key])
+    assert prepared.pre.bandwidths == from_step.pre.bandwidths
+    assert float(terms.r_loc) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_an_adapter_that_already_edits_gets_a_separate_pre_edit_pass(requests) -> None:  # noqa: ANN001
+    """Sequential editing: the adapter holds earlier edits, so step 0 is not the pre-edit model."""
+    from odedit_hf.odedit import objective as objective_module
+
+    backbone = _backbone()
+    method = ODEditMethod(_editor("ft", steps=2))
+    peft_model, _, _ = _wrap(method, backbone)
+    calls = []
+    original = objective_module.ODEditObjective.prepare
+
+    def spy(self, forward, edit_batch):  # noqa: ANN001, ANN202
+        calls.append(edit_batch.case_ids)
+        return original(self, forward, edit_batch)
+
+    objective_module.ODEditObjective.prepare = spy
+    try:
+        method.edit(peft_model, backbone, requests[:1])  # fresh adapter: no separate pass
+        assert calls == []
+        method.edit(peft_model, backbone, requests[1:])  # adapter now edits: separate pass
+        assert calls == [[1]]
+    finally:
+        objective_module.ODEditObjective.prepare = original
+
+
+def test_run_groups_gathers_the_answer_rows_of_every_group(requests) -> None:  # noqa: ANN001
+    from odedit_hf.odedit.risks import answer_rows, build_edit_batch, gen_samples, run_groups
+
+    backbone = _backbone()
+    method = ODEditMethod(_editor("ft"))
+    peft_model, _, _ = _wrap(method, backbone)
+    config = peft_model.peft_config["default"]
+    batch = build_edit_batch(backbone, requests, config)
+    with torch.no_grad():
+        outputs = run_groups(backbone.forward, backbone, batch, hidden_groups=("edit", "rephrase"))
+    assert set(outputs) == {"edit", "rephrase", "image_rephrase", "loc", "m_loc"}
+    for name, group in outputs.items():
+        rows, targets = answer_rows(group.logits, group.labels)
+        assert torch.equal(group.answer_logits, rows) and torch.equal(group.answer_targets, targets)
+        assert sum(group.answer_counts) == rows.shape[0] and len(group.answer_counts) == group.logits.shape[0]
+        if name in ("edit", "rephrase"):
+            for mode in ("answer", "last_prompt"):
+                expected = gen_samples(group.hidden, group.labels, mode)
+                got = group.answer_hidden_per_row(mode)
+                assert len(got) == len(expected)
+                assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        else:
+            assert group.answer_hidden is None

@@ -22,8 +22,11 @@ token whose accuracy says nothing about the fact.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -175,6 +178,72 @@ class Backbone:
         if path is None:
             raise ValueError(f"The {self.spec.model_type!r} backbone is text-only: it has no {part}.")
         return _resolve(self.base_model, path, what=part, model_type=self.spec.model_type)
+
+    @contextlib.contextmanager
+    def frozen_vision_cache(self, max_entries: int = 16) -> Iterator[bool]:
+        """Within the block, reuse the vision tower's output for a ``pixel_values`` tensor it has seen.
+
+        An edit runs the same images through a frozen vision tower at every step; this memoises the
+        tower's forward by tensor *identity* (the very tensor object, unmodified since: its version
+        counter is checked) and by the other arguments' values, so only the first call per image batch
+        runs the tower. The memo holds strong references and is dropped at exit.
+
+        It turns itself off (yields ``False``, computes as usual) when the memo could change results:
+        a text-only family, a tower in training mode (dropout), a trainable tower parameter, or an
+        adapter layer inside the tower (enabling/disabling it would change the output).
+        """
+        tower = None
+        if self.spec.vision_tower is not None:
+            try:
+                tower = self.get_module("vision_tower")
+            except ValueError:
+                tower = None
+        if tower is None or tower.training or any(p.requires_grad for p in tower.parameters()):
+            yield False
+            return
+        peft_tuners = sys.modules.get("peft.tuners.tuners_utils")  # no adapter layer exists before peft loads
+        tuner_layer = getattr(peft_tuners, "BaseTunerLayer", None)
+        if tuner_layer is not None and any(isinstance(m, tuner_layer) for m in tower.modules()):
+            yield False
+            return
+        original = tower.__dict__.get("forward")
+        compute = tower.forward
+        memo: list[tuple[tuple[Any, ...], list[Any], Any]] = []
+
+        def key_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], list[Any]] | None:
+            parts: list[Any] = []
+            tensors: list[Any] = []
+            for name, value in [*enumerate(args), *sorted(kwargs.items())]:
+                if isinstance(value, torch.Tensor):
+                    parts.append((name, "tensor", id(value), value._version))
+                    tensors.append(value)
+                elif value is None or isinstance(value, (bool, int, float, str)):
+                    parts.append((name, value))
+                else:
+                    return None  # an argument we cannot compare: do not memoise
+            return tuple(parts), tensors
+
+        def memo_forward(*args: Any, **kwargs: Any) -> Any:
+            key = key_of(args, kwargs)
+            if key is not None:
+                for parts, _, output in memo:
+                    if parts == key[0]:
+                        return copy.copy(output)
+            output = compute(*args, **kwargs)
+            if key is not None:
+                memo.append((key[0], key[1], output))  # the tensors stay referenced: their ids stay unique
+                del memo[:-max_entries]
+            return copy.copy(output)
+
+        tower.forward = memo_forward
+        try:
+            yield True
+        finally:
+            if original is None:
+                del tower.forward
+            else:
+                tower.forward = original
+            memo.clear()
 
     def decoder_layers(self) -> nn.ModuleList:
         """The decoder layers (an ``nn.ModuleList``)."""

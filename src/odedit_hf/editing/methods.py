@@ -144,17 +144,21 @@ class _PlainEditor:
         return None
 
     def edit(self, peft_model: PeftModel, backbone: Backbone, requests: Sequence[EditRequest]) -> EditStats:
-        """Minimise the target NLL of the requests' edit samples (all in one batch) over the adapter."""
+        """Minimise the target NLL of the requests' edit samples (all in one batch) over the adapter.
+
+        The frozen vision tower runs once per image batch (``Backbone.frozen_vision_cache``).
+        """
         batch = backbone.build_batch(edit_samples(requests), device=model_device(peft_model))
-        return run_edit_loop(
-            peft_model,
-            backbone,
-            batch,
-            trainable_parameters(peft_model),
-            self.loop,
-            loss_fn=target_nll,
-            post_step=self.post_step(peft_model),
-        )
+        with backbone.frozen_vision_cache():
+            return run_edit_loop(
+                peft_model,
+                backbone,
+                batch,
+                trainable_parameters(peft_model),
+                self.loop,
+                loss_fn=target_nll,
+                post_step=self.post_step(peft_model),
+            )
 
 
 @dataclass
@@ -177,6 +181,24 @@ class FTMethod(_PlainEditor):
         from odedit_hf.editors.ft import FTLConfig
 
         return FTLConfig(target_modules=self.target_modules(backbone), norm_constraint=self.norm_constraint)
+
+    def adapter_is_identity(self, peft_model: PeftModel) -> bool:
+        """Whether the active FT-L adapter changes nothing yet (every active delta is exactly zero)."""
+        import torch
+
+        from odedit_hf.editors.ft import FTLLayer
+
+        layers = [m for m in peft_model.modules() if isinstance(m, FTLLayer)]
+        if not layers:
+            return False
+        with torch.no_grad():
+            for layer in layers:
+                if layer.merged:
+                    return False
+                for name in layer.active_adapters:
+                    if name in layer.ftl_delta and bool(layer.ftl_delta[name].any()):
+                        return False
+        return True
 
     def post_step(self, peft_model: PeftModel) -> Any:
         if self.norm_constraint is None:
@@ -215,3 +237,22 @@ class LoRAMethod(_PlainEditor):
         return lora_config_for(
             backbone, layers=layers, projections=self.projections, rank=self.rank, alpha=self.alpha
         )
+
+    def adapter_is_identity(self, peft_model: PeftModel) -> bool:
+        """Whether the active LoRA adapter changes nothing yet (plain LoRA with every active ``B`` zero)."""
+        import torch
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+        if not layers:
+            return False
+        with torch.no_grad():
+            for layer in layers:
+                if layer.merged:
+                    return False
+                for name in layer.active_adapters:
+                    if name not in layer.lora_B:
+                        continue
+                    if layer.use_dora.get(name, False) or bool(layer.lora_B[name].weight.any()):
+                        return False
+        return True

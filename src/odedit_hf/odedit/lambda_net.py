@@ -6,9 +6,12 @@
   memory grows with the edit (the paper reports BLIP-2 going from 28 to 47 GB).
 - ``sketch``: a count-sketch ``S θ`` to ``k`` numbers (each coordinate of θ is added, with a random
   sign, to one of ``k`` buckets). Bucket and sign of coordinate ``j`` come from an integer hash of
-  ``(seed, j)`` computed on the fly, chunk by chunk, in the forward and again in the backward: the
-  projection is never stored (memory O(chunk)), costs O(|θ|) per step (a dense Gaussian projection
-  would cost O(k·|θ|) and random numbers to match), and ``E‖Sθ‖² = ‖θ‖²`` (a JL-type sketch).
+  ``(seed, j)`` computed on the fly, chunk by chunk: the ``k × |θ|`` projection is never built or
+  saved, a step costs O(|θ|) (a dense Gaussian projection would cost O(k·|θ|) and random numbers to
+  match), and ``E‖Sθ‖² = ‖θ‖²`` (a JL-type sketch). For small edits the hash's output (12 bytes per
+  coordinate: bucket int64, sign float32) is memoised process-wide, at most ``SKETCH_MEMO_BYTES`` in all,
+  so the per-edit loop does not rehash the same coordinates at every step; larger edits are rehashed
+  chunk by chunk in the forward and again in the backward (memory O(chunk)).
 - ``fixed``: no network; λ is the constant ``lambda_init`` (ablation).
 
 The output layer starts at zero weight and a bias with Softplus(bias) = ``lambda_init``, so λ starts at
@@ -19,14 +22,20 @@ gradient is ``P · ∂λ/∂φ`` and, as ``P ≥ 0``, raises λ while the penalt
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["LambdaNetwork", "count_sketch", "lambda_network_num_parameters"]
+__all__ = ["SKETCH_MEMO_BYTES", "LambdaNetwork", "count_sketch", "lambda_network_num_parameters"]
 
 _CHUNK = 1 << 20  # coordinates hashed at once: 1M × (8 B index + 4 B sign) ≈ 12 MB of temporaries
+#: Most bytes the process-wide memo of hashed (bucket, sign) tables may hold; one tensor's table is
+#: memoised only if it takes at most a quarter of it. 0 turns the memo off.
+SKETCH_MEMO_BYTES = 64 << 20
+_MEMO_BYTES_PER_COORDINATE = 12  # int64 bucket + float32 sign
+_memo: OrderedDict[tuple[int, int, int, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _MIX1 = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
 _MIX2 = -4658895280553007687  # 0xBF58476D1CE4E5B9
 _MIX3 = -7723592293110705685  # 0x94D049BB133111EB
@@ -51,24 +60,49 @@ def _buckets_signs(
     return bucket, sign
 
 
+def _memo_bytes() -> int:
+    return sum(b.numel() * b.element_size() + s.numel() * s.element_size() for b, s in _memo.values())
+
+
+def _tables(
+    n: int, k: int, seed: int, device: torch.device
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """``(start, stop, bucket, sign)`` covering coordinates ``0..n-1``: the memoised table when it fits
+    the memo, else freshly hashed chunks (bucket int64, sign float32 ±1)."""
+    key = (n, k, seed, str(device))
+    hit = _memo.get(key)
+    if hit is None and 0 < n * _MEMO_BYTES_PER_COORDINATE <= SKETCH_MEMO_BYTES // 4:
+        bucket = torch.empty(n, dtype=torch.int64, device=device)
+        sign = torch.empty(n, dtype=torch.float32, device=device)
+        for start in range(0, n, _CHUNK):
+            stop = min(start + _CHUNK, n)
+            bucket[start:stop], sign[start:stop] = _buckets_signs(start, stop, k, seed, device)
+        hit = _memo[key] = (bucket, sign)
+        while len(_memo) > 1 and _memo_bytes() > SKETCH_MEMO_BYTES:
+            _memo.popitem(last=False)  # least recently used first
+    if hit is not None:
+        _memo.move_to_end(key)
+        yield 0, n, hit[0], hit[1]
+        return
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        yield (start, stop, *_buckets_signs(start, stop, k, seed, device))
+
+
 class _CountSketch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, flat: torch.Tensor, k: int, seed: int) -> torch.Tensor:  # noqa: ANN001
         out = torch.zeros(k, dtype=torch.float32, device=flat.device)
-        for start in range(0, flat.numel(), _CHUNK):
-            stop = min(start + _CHUNK, flat.numel())
-            bucket, sign = _buckets_signs(start, stop, k, seed, flat.device)
-            out.index_add_(0, bucket, flat[start:stop].float() * sign)
+        for start, stop, bucket, sign in _tables(flat.numel(), k, seed, flat.device):
+            out.scatter_add_(0, bucket, flat[start:stop].float() * sign)
         ctx.k, ctx.seed, ctx.n, ctx.dtype = k, seed, flat.numel(), flat.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN001
         grad = torch.empty(ctx.n, dtype=ctx.dtype, device=grad_out.device)
-        for start in range(0, ctx.n, _CHUNK):
-            stop = min(start + _CHUNK, ctx.n)
-            bucket, sign = _buckets_signs(start, stop, ctx.k, ctx.seed, grad_out.device)
-            grad[start:stop] = (grad_out[bucket] * sign).to(ctx.dtype)
+        for start, stop, bucket, sign in _tables(ctx.n, ctx.k, ctx.seed, grad_out.device):
+            grad[start:stop] = (torch.index_select(grad_out, 0, bucket) * sign).to(ctx.dtype)
         return grad, None, None
 
 

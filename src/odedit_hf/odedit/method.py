@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from odedit_hf.data import EditRequest
     from odedit_hf.editing import EditLoopConfig, EditStats
 
+    from .risks import EditBatch
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ODEditDivergedError", "ODEditMethod", "objective_field_names"]
@@ -95,7 +97,7 @@ class ODEditMethod:
             ODEditDivergedError: the loss became NaN/inf; the adapter is back to its state before this
                 call (the base weights are never written).
         """
-        from odedit_hf.editing import AdapterSnapshot, EditStats, model_device, trainable_parameters
+        from odedit_hf.editing import model_device
 
         adapter = peft_model.active_adapter
         config = peft_model.peft_config[adapter]
@@ -104,13 +106,33 @@ class ODEditMethod:
                 f"ODEditMethod.edit: adapter {adapter!r} is a {type(config).__name__}; wrap the model with "
                 "get_peft_model(model, method.peft_config(backbone))"
             )
-        loop = self.loop
         device = model_device(peft_model)
         edit_batch = build_edit_batch(backbone, requests, config, device=device)
+        # the frozen vision tower runs once per image batch of this edit (prepare pass and every step)
+        with backbone.frozen_vision_cache():
+            return self._edit(peft_model, backbone, edit_batch, config, adapter, device)
+
+    def _edit(
+        self,
+        peft_model: PeftModel,
+        backbone: Backbone,
+        edit_batch: EditBatch,
+        config: ODEditConfig,
+        adapter: str,
+        device: torch.device,
+    ) -> EditStats:
+        from odedit_hf.editing import AdapterSnapshot, EditStats, trainable_parameters
+
+        loop = self.loop
         objective = ODEditObjective(config, backbone)
         forward = backbone.forward
-        with peft_model.disable_adapter():
-            objective.prepare(forward, edit_batch)
+        # the pre-edit reference (loc/m_loc distributions, MMD bandwidths) comes from the adapter-disabled
+        # model; while the editor's fresh adapter is still the identity, step 0's forward is that model
+        is_identity = getattr(self.editor, "adapter_is_identity", None)
+        first_is_pre_edit = bool(is_identity is not None and is_identity(peft_model))
+        if not first_is_pre_edit:
+            with peft_model.disable_adapter():
+                objective.prepare(forward, edit_batch)
         params = trainable_parameters(peft_model)
         lambda_net, dual_optimizer = build_lambda_network(config, params, device=device)
         snapshot = AdapterSnapshot(peft_model, adapter)
@@ -123,7 +145,7 @@ class ODEditMethod:
         try:
             for step in range(loop.steps + 1):
                 lam = lambda_net(params) if config.irm_penalty else None
-                terms = objective(forward, edit_batch, lam)
+                terms = objective(forward, edit_batch, lam, pre_edit=first_is_pre_edit and step == 0)
                 value = float(terms.total.detach())
                 if not math.isfinite(value):
                     raise ODEditDivergedError(

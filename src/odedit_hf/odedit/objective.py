@@ -25,8 +25,7 @@ from .risks import (
     locality_risk,
     locality_rows,
     median_bandwidths,
-    neighbour_omega_grad,
-    reliability_risk,
+    reliability_risk_rows,
     run_groups,
 )
 
@@ -107,18 +106,30 @@ class ODEditObjective:
         """
         if not self._missing(edit_batch):
             return
+        self._record(
+            run_groups(forward, self.backbone, edit_batch, hidden_groups=self._hidden_groups()), edit_batch
+        )
+
+    @torch.no_grad()
+    def _record(self, outputs: dict[str, Any], edit_batch: EditBatch) -> None:
+        """Store the pre-edit state of ``edit_batch`` from outputs of the pre-edit model."""
         cfg = self.config
-        outputs = run_groups(forward, self.backbone, edit_batch, hidden_groups=self._hidden_groups())
         for g in self._loc_groups():
             group = outputs[g]
-            for row, owner in enumerate(edit_batch.owners[g]):
-                rows = locality_rows(
-                    group.logits[row : row + 1],
-                    group.labels[row : row + 1],
-                    group.attention_mask[row : row + 1],
-                    None if group.image_mask is None else group.image_mask[row : row + 1],
-                    cfg.loc_positions,
-                )
+            if cfg.loc_positions == "answer":
+                per_row = group.answer_logits_per_row()
+            else:
+                per_row = [
+                    locality_rows(
+                        group.logits[row : row + 1],
+                        group.labels[row : row + 1],
+                        group.attention_mask[row : row + 1],
+                        None if group.image_mask is None else group.image_mask[row : row + 1],
+                        cfg.loc_positions,
+                    )
+                    for row in range(len(edit_batch.owners[g]))
+                ]
+            for rows, owner in zip(per_row, edit_batch.owners[g]):
                 self.pre.loc_rows[(g, edit_batch.case_ids[owner])] = rows.detach().float()
         if cfg.gen_risk and cfg.mmd_bandwidths is None:
             _, per_request = gen_pairs(outputs, edit_batch, cfg, None)
@@ -133,7 +144,12 @@ class ODEditObjective:
 
     # ------------------------------------------------------------------ one step
     def __call__(
-        self, forward: ForwardFn, edit_batch: EditBatch, lam: torch.Tensor | None = None
+        self,
+        forward: ForwardFn,
+        edit_batch: EditBatch,
+        lam: torch.Tensor | None = None,
+        *,
+        pre_edit: bool = False,
     ) -> LossTerms:
         """The loss of one step on the current (edited) model.
 
@@ -141,19 +157,25 @@ class ODEditObjective:
             forward: ``forward(batch, **kwargs) -> model outputs`` (the adapter enabled).
             edit_batch: the step's prompts.
             lam: λ from the λ-network (ignored when ``irm_penalty`` is off).
+            pre_edit: the model *is* the pre-edit model (its adapter is still the identity, e.g. FT-L's zero
+                delta or LoRA's zero ``B`` before the first step): the pre-edit state missing for these
+                requests is recorded from this very forward pass, which saves :meth:`prepare`'s pass.
 
         Raises:
-            ValueError: :meth:`prepare` was not called for these requests.
+            ValueError: no pre-edit state for these requests (call :meth:`prepare`, or pass ``pre_edit``).
         """
         cfg = self.config
         backend = cfg.kernel_backend
-        if self._missing(edit_batch):
+        missing = self._missing(edit_batch)
+        if missing and not pre_edit:
             raise ValueError(
                 "ODEditObjective: no pre-edit state for these requests; call prepare() with the adapter disabled first"
             )
         outputs = run_groups(forward, self.backbone, edit_batch, hidden_groups=self._hidden_groups())
+        if missing:
+            self._record(outputs, edit_batch)
         edit = outputs["edit"]
-        r_rel, g_in = reliability_risk(edit.logits, edit.labels, backend=backend)
+        r_rel, g_in = reliability_risk_rows(edit.answer_logits, edit.answer_targets, backend=backend)
         total = r_rel
         terms = LossTerms(total=r_rel, r_rel=r_rel)
         omega: dict[str, torch.Tensor] = {"in_distribution": g_in}
@@ -163,11 +185,18 @@ class ODEditObjective:
             for g in self._loc_groups():
                 group = outputs[g]
                 pre_rows += [self.pre.loc_rows[(g, edit_batch.case_ids[o])] for o in edit_batch.owners[g]]
-                post_rows.append(
-                    locality_rows(
-                        group.logits, group.labels, group.attention_mask, group.image_mask, cfg.loc_positions
+                if cfg.loc_positions == "answer":
+                    post_rows.append(group.answer_logits)
+                else:
+                    post_rows.append(
+                        locality_rows(
+                            group.logits,
+                            group.labels,
+                            group.attention_mask,
+                            group.image_mask,
+                            cfg.loc_positions,
+                        )
                     )
-                )
             post = torch.cat(post_rows)
             pre = torch.cat(pre_rows).to(device=post.device, dtype=post.dtype)
             r_loc, g_ood = locality_risk(pre, post, backend=backend)
@@ -185,15 +214,10 @@ class ODEditObjective:
         if cfg.irm_penalty:
             neighbour = [outputs[k] for k in cfg.rephrase_kinds]
             if neighbour:
-                logits = [n.logits for n in neighbour]
-                labels = [n.labels for n in neighbour]
-                # rows of both kinds share one mean: pad to one length is not needed, average per kind weighted by tokens
-                grads, counts = [], []
-                for lg, lb in zip(logits, labels):
-                    count = int((lb[:, 1:] != -100).sum())
-                    grads.append(neighbour_omega_grad(lg, lb, backend=backend) * count)
-                    counts.append(count)
-                omega["neighbours"] = torch.stack(grads).sum() / sum(counts)
+                # one environment: the mean ω-derivative over every target token of every rephrase kind
+                rows = torch.cat([n.answer_logits for n in neighbour])
+                targets = torch.cat([n.answer_targets for n in neighbour])
+                omega["neighbours"] = reliability_risk_rows(rows, targets, backend=backend)[1]
             terms.penalty = irm_tv_penalty({e: omega[e] for e in ENVIRONMENTS if e in omega})
             if lam is None:
                 raise ValueError("ODEditObjective: irm_penalty is on but no lambda was given")

@@ -58,6 +58,7 @@ __all__ = [
     "median_bandwidths",
     "neighbour_omega_grad",
     "reliability_risk",
+    "reliability_risk_rows",
     "run_groups",
 ]
 
@@ -113,9 +114,16 @@ def reliability_risk(
     Returns:
         ``(R_rel, dR_rel/domega)``, two 0-dim tensors differentiable w.r.t. ``logits``.
     """
+    rows, targets = answer_rows(logits, labels)
+    return reliability_risk_rows(rows, targets, backend=backend)
+
+
+def reliability_risk_rows(
+    rows: torch.Tensor, targets: torch.Tensor, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reliability_risk` on the answer rows already gathered (``(N, V)`` logits, ``(N,)`` targets)."""
     from odedit_kernels import nll_with_omega
 
-    rows, targets = answer_rows(logits, labels)
     nll, domega = nll_with_omega(rows, targets, ignore_index=IGNORE_INDEX, backend=backend)
     return nll.mean(), domega.mean()
 
@@ -372,13 +380,43 @@ def build_edit_batch(
 
 @dataclass
 class GroupOutput:
-    """One group's rows of a forward pass (views into the batch outputs)."""
+    """One group's rows of a forward pass (views into the batch outputs).
+
+    ``answer_logits`` / ``answer_targets`` / ``answer_hidden`` hold only the positions that predict
+    target tokens, gathered once per forward pass for the whole batch (row-major; ``answer_counts[i]``
+    of them belong to the group's row ``i``): the risks read these, so the backward pass scatters one
+    compact gradient into the batch logits instead of one full-size gradient per group and risk.
+    """
 
     logits: torch.Tensor  # (r, T, V)
     labels: torch.Tensor  # (r, T)
     attention_mask: torch.Tensor  # (r, T)
     image_mask: torch.Tensor | None  # (r, T)
     hidden: torch.Tensor | None  # (r, T, H)
+    answer_logits: torch.Tensor | None = None  # (N, V)
+    answer_targets: torch.Tensor | None = None  # (N,)
+    answer_hidden: torch.Tensor | None = None  # (N, H)
+    answer_counts: list[int] | None = None  # r entries summing to N
+
+    def answer_hidden_per_row(self, mode: str) -> list[torch.Tensor]:
+        """:func:`gen_samples` from the gathered rows: ``[(n_i, H)]`` per row of the group."""
+        if self.answer_hidden is None or self.answer_counts is None:
+            if self.hidden is None:
+                raise ValueError("GroupOutput: no hidden states were requested for this group")
+            return gen_samples(self.hidden, self.labels, mode)
+        if mode not in ("answer", "last_prompt"):
+            raise ValueError(f"gen_samples: mode must be 'answer' or 'last_prompt', got {mode!r}")
+        parts = list(torch.split(self.answer_hidden, self.answer_counts))
+        return [p[:1] for p in parts] if mode == "last_prompt" else parts
+
+    def answer_logits_per_row(self) -> list[torch.Tensor]:
+        """The answer logits rows of each row of the group: ``[(n_i, V)]``."""
+        if self.answer_logits is None or self.answer_counts is None:
+            return [
+                answer_rows(self.logits[i : i + 1], self.labels[i : i + 1])[0]
+                for i in range(self.logits.shape[0])
+            ]
+        return list(torch.split(self.answer_logits, self.answer_counts))
 
 
 ForwardFn = Callable[..., Any]
@@ -405,14 +443,34 @@ def run_groups(
         logits = outputs.logits
         hidden = backbone.last_hidden_states(outputs) if want_hidden else None
         image_mask = backbone.image_token_mask(batch)
+        # one gather of every answer position of the batch (row-major, so each group's rows are contiguous)
+        shifted = batch["labels"][:, 1:]
+        mask = shifted != IGNORE_INDEX
+        counts = mask.sum(dim=1).tolist()
+        if any(c == 0 for c in counts):
+            raise ValueError(
+                "run_groups: a prompt has no labelled target token; build it with Backbone.build_batch"
+            )
+        answer_logits = logits[:, :-1][mask]
+        answer_targets = shifted[mask]
+        answer_hidden = hidden[:, :-1][mask] if hidden is not None else None
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
         for g in groups:
             _, start, stop = edit_batch.slices[g]
+            lo, hi = offsets[start], offsets[stop]
+            with_hidden = hidden is not None and g in hidden_groups
             out[g] = GroupOutput(
                 logits=logits[start:stop],
                 labels=batch["labels"][start:stop],
                 attention_mask=batch["attention_mask"][start:stop],
                 image_mask=image_mask[start:stop],
-                hidden=hidden[start:stop] if (hidden is not None and g in hidden_groups) else None,
+                hidden=hidden[start:stop] if with_hidden else None,
+                answer_logits=answer_logits[lo:hi],
+                answer_targets=answer_targets[lo:hi],
+                answer_hidden=answer_hidden[lo:hi] if (with_hidden and answer_hidden is not None) else None,
+                answer_counts=counts[start:stop],
             )
     return out
 
@@ -438,14 +496,12 @@ def gen_pairs(
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, Sequence[float]]], dict[int, list[torch.Tensor]]]:
     """The ``(x, y, sigmas)`` pairs of ``R_gen`` and, per request, all its samples (for bandwidths)."""
     edit = outputs["edit"]
-    xs = gen_samples(edit.hidden, edit.labels, config.gen_positions)
+    xs = edit.answer_hidden_per_row(config.gen_positions)
     per_request: dict[int, list[torch.Tensor]] = {i: [x] for i, x in enumerate(xs)}
     ys: dict[tuple[int, str], list[torch.Tensor]] = {}
     for kind in config.rephrase_kinds:
         group = outputs[kind]
-        for owner, y in zip(
-            edit_batch.owners[kind], gen_samples(group.hidden, group.labels, config.gen_positions)
-        ):
+        for owner, y in zip(edit_batch.owners[kind], group.answer_hidden_per_row(config.gen_positions)):
             ys.setdefault((owner, kind), []).append(y)
             per_request[owner].append(y)
     pairs = []
