@@ -7,6 +7,7 @@ cached tiny world through ``odedit_hf.data.world``)::
         --methods ft odedit+ft lora odedit+lora --json benchmarks/odedit_single.json
     python benchmarks/odedit.py --protocol sequential --n 50 --seeds 0 1 2 --methods ft odedit+ft
     python benchmarks/odedit.py --memory-only          # λ-network memory: tiny model and BLIP-2 OPT-2.7B
+    OMP_NUM_THREADS=1 python benchmarks/odedit.py --interleaved --n 50 --rounds 3   # time ratios, one process
 
 A method is ``<editor>`` or ``odedit+<editor>``; ``--objective '{"beta": 0.1}'`` sets ODEdit
 hyperparameters (ablations), ``--editor-args '{"steps": 40}'`` the editor's. Prints markdown tables
@@ -284,6 +285,111 @@ def run_cost(args: argparse.Namespace) -> None:
         print(f"| {r['method']} | {r['s_per_edit_median']:.3f} | {ratio} | {r['peak_rss_mb']:.0f} |")
 
 
+def run_interleaved(args: argparse.Namespace) -> None:
+    """Time per edit of every method in ONE process, edits interleaved round-robin on the same requests.
+
+    Each method has its own model copy; a round edits request i with every method in turn, so a load
+    change on this shared machine hits all methods alike and the ratios stay comparable. Editors run
+    with their defaults (early stop included, as in the quality runs) unless ``--editor-args`` says
+    otherwise. With ``--phases`` the time inside ODEdit's main phases is summed too.
+    """
+    import collections
+    import functools
+
+    import torch
+    from peft import get_peft_model
+
+    from odedit_hf.editing import AdapterSnapshot
+
+    make_backbone, requests = _world(args)
+    requests = requests[: args.n]
+    setups = {}
+    for name in args.methods:
+        torch.manual_seed(0)
+        method = _method(name, args.editor_args, args.objective if name.startswith("odedit+") else {})
+        backbone = make_backbone()
+        backbone.model.eval()
+        model = get_peft_model(backbone.model, method.peft_config(backbone))
+        snapshot = AdapterSnapshot(model, model.active_adapter)
+        snapshot.restore()
+        method.edit(model, backbone, requests[:1])  # warm-up
+        setups[name] = (method, backbone, model, snapshot)
+    phases: dict[tuple[str, str], float] = collections.defaultdict(float)
+    current: list[Any] = [None, False]  # the method editing now; whether a timed phase is running
+    if args.phases:
+        import odedit_hf.editing.methods as editing_methods
+        import odedit_hf.odedit.lambda_net as lambda_net
+        import odedit_hf.odedit.objective as objective_module
+        from odedit_hf.backbones import Backbone
+
+        def timed(owner: Any, attr: str, label: str) -> None:
+            inner = getattr(owner, attr)
+
+            @functools.wraps(inner)
+            def wrapper(*a: Any, **k: Any) -> Any:
+                if current[1]:  # nested in another timed phase: counted there
+                    return inner(*a, **k)
+                current[1] = True
+                start = time.perf_counter()
+                try:
+                    return inner(*a, **k)
+                finally:
+                    phases[(current[0], label)] += time.perf_counter() - start
+                    current[1] = False
+
+            setattr(owner, attr, wrapper)
+
+        timed(objective_module, "run_groups", "forward")
+        timed(editing_methods, "target_nll", "forward")
+        timed(Backbone, "build_batch", "build the batch (tokenise, load images)")
+        timed(torch.Tensor, "backward", "backward")
+        timed(lambda_net.LambdaNetwork, "forward", "lambda-network forward (sketch)")
+        for name in (
+            "reliability_risk_rows",
+            "locality_risk",
+            "generality_risk",
+            "gen_pairs",
+            "irm_tv_penalty",
+        ):
+            timed(objective_module, name, "risk terms")
+        for cls in (torch.optim.Adam, torch.optim.SGD):
+            timed(cls, "zero_grad", "optimiser steps")
+            timed(cls, "step", "optimiser steps")
+    times: dict[str, list[float]] = {name: [] for name in args.methods}
+    edits = collections.Counter()
+    for _ in range(args.rounds):
+        for request in requests:
+            for name, (method, backbone, model, snapshot) in setups.items():
+                current[0] = name
+                snapshot.restore()
+                start = time.perf_counter()
+                method.edit(model, backbone, [request])
+                times[name].append(time.perf_counter() - start)
+                edits[name] += 1
+    print(
+        f"interleaved cost: {len(requests)} requests x {args.rounds} rounds per method, one process, "
+        f"editor args {args.editor_args or 'defaults'}, objective {args.objective or 'defaults'}"
+    )
+    print("| method | s/edit (median) | s/edit (mean) | vs base editor (median) |")
+    print("|---|---|---|---|")
+    for name, values in times.items():
+        base = times.get(name.split("+")[-1])
+        ratio = f"{statistics.median(values) / statistics.median(base):.2f}x" if base and "+" in name else ""
+        print(f"| {name} | {statistics.median(values):.4f} | {statistics.mean(values):.4f} | {ratio} |")
+    if args.phases:
+        labels = sorted(
+            {label for _, label in phases}, key=lambda lb: -max(phases[(n, lb)] for n in args.methods)
+        )
+        print("\nms per edit inside each phase (the rest: Python glue, adapter snapshot, λ-network set-up):")
+        print("| phase | " + " | ".join(args.methods) + " |")
+        print("|---|" + "---|" * len(args.methods))
+        for label in labels:
+            cells = [f"{phases[(n, label)] * 1000 / edits[n]:.2f}" for n in args.methods]
+            print(f"| {label} | " + " | ".join(cells) + " |")
+        cells = [f"{statistics.mean(times[n]) * 1000:.2f}" for n in args.methods]
+        print("| whole edit (mean) | " + " | ".join(cells) + " |")
+
+
 def _bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024:
@@ -311,6 +417,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cost-world", action="store_true", help="measure cost on the world model, not a tiny random LLaVA"
     )
+    p.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="time per edit of all methods in one process, edits interleaved (robust ratios on a shared CPU)",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="--interleaved: passes over the requests")
+    p.add_argument("--phases", action="store_true", help="--interleaved: also time ODEdit's main phases")
     p.add_argument("--cost-worker", help=argparse.SUPPRESS)
     p.add_argument("--lambda-hidden-size", type=int, default=64)
     p.add_argument("--sketch-dim", type=int, default=128)
@@ -323,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     print(_header())
     if args.cost:
         run_cost(args)
+        return 0
+    if args.interleaved:
+        run_interleaved(args)
         return 0
     if args.memory_only:
         memory_table(args)
