@@ -33,7 +33,7 @@ __all__ = ["SKETCH_MEMO_BYTES", "LambdaNetwork", "count_sketch", "lambda_network
 _CHUNK = 1 << 20  # coordinates hashed at once: 1M × (8 B index + 4 B sign) ≈ 12 MB of temporaries
 #: Most bytes the process-wide memo of hashed (bucket, sign) tables may hold; one tensor's table is
 #: memoised only if it takes at most a quarter of it. 0 turns the memo off.
-SKETCH_MEMO_BYTES = 64 << 20
+SKETCH_MEMO_BYTES = 8 << 20
 _MEMO_BYTES_PER_COORDINATE = 12  # int64 bucket + float32 sign
 _memo: OrderedDict[tuple[int, int, int, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _MIX1 = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
