@@ -240,6 +240,8 @@ def test_cli_flags_build_the_method() -> None:
             "0.5",
             "--mmd-bandwidth-multipliers",
             "1,2",
+            "--irm-environments",
+            "ood",
         ]
     )
     args.method_arg = []  # normally added by the edit CLI
@@ -250,11 +252,14 @@ def test_cli_flags_build_the_method() -> None:
         "num_rephrases": 2,
         "lambda_mode": "sketch",
         "mmd_bandwidth_multipliers": (1.0, 2.0),
+        "irm_environments": ("ood",),
         "gen_risk": False,
     }
     assert args.save_adapter is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--lambda-mode", "dense"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--irm-environments", "ood,elsewhere"])
 
 
 def test_save_adapter_writes_a_standard_peft_folder(requests, tmp_path) -> None:  # noqa: ANN001
@@ -382,3 +387,33 @@ def test_run_groups_gathers_the_answer_rows_of_every_group(requests) -> None:  #
                 assert all(torch.equal(a, b) for a, b in zip(got, expected))
         else:
             assert group.answer_hidden is None
+
+
+def test_irm_environments_choose_the_penalty_terms(requests) -> None:  # noqa: ANN001
+    from odedit_hf.odedit import ODEditConfig
+    from odedit_hf.odedit.objective import ODEditObjective
+    from odedit_hf.odedit.risks import build_edit_batch
+
+    backbone = _backbone()
+    method = ODEditMethod(_editor("ft", steps=3))
+    peft_model, _, _ = _wrap(method, backbone)
+    method.edit(peft_model, backbone, requests[:1])  # a non-trivial adapter: every g_e != 0
+    config = peft_model.peft_config["default"]
+    batch = build_edit_batch(backbone, requests[1:], config)
+    results = {}
+    for envs in (("in_distribution", "neighbours", "ood"), ("ood",), ("in_distribution", "neighbours")):
+        config.irm_environments = envs
+        obj = ODEditObjective(config, backbone)
+        with peft_model.disable_adapter():
+            obj.prepare(backbone.forward, batch)
+        with torch.no_grad():
+            results[envs] = obj(backbone.forward, batch, torch.tensor(1.0))
+    g = results[("ood",)].omega_grads
+    assert all(abs(float(v)) > 0 for v in g.values())
+    for envs, terms in results.items():
+        expected = sum(abs(float(g[e])) for e in envs) ** 2
+        assert float(terms.penalty) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="irm_environments"):
+        ODEditConfig(editor=config.editor, irm_environments=("everything",))
+    with pytest.raises(ValueError, match="irm_environments"):
+        ODEditConfig(editor=config.editor, irm_environments=())

@@ -23,6 +23,7 @@ _OBJECTIVE_FLAGS: dict[str, str] = {
     "odedit_beta": "beta",
     "num_rephrases": "num_rephrases",
     "rephrase_kinds": "rephrase_kinds",
+    "irm_environments": "irm_environments",
     "gen_positions": "gen_positions",
     "loc_positions": "loc_positions",
     "lambda_mode": "lambda_mode",
@@ -51,6 +52,16 @@ def _kinds(text: str) -> tuple[str, ...]:
     if bad or not kinds:
         raise argparse.ArgumentTypeError(f"expected 'rephrase', 'image_rephrase' or both, got {text!r}")
     return kinds
+
+
+def _environments(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    allowed = ("in_distribution", "neighbours", "ood")
+    if not names or any(n not in allowed for n in names):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {', '.join(allowed)}, got {text!r}"
+        )
+    return names
 
 
 def _positive_int(text: str) -> int:
@@ -83,6 +94,12 @@ def add_odedit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--rephrase-kinds", type=_kinds, default=sup, help="'rephrase,image_rephrase' (default both)"
+    )
+    group.add_argument(
+        "--irm-environments",
+        type=_environments,
+        default=sup,
+        help="environments in the IRM-TV penalty, e.g. 'ood' (default in_distribution,neighbours,ood)",
     )
     group.add_argument(
         "--gen-positions", choices=("answer", "last_prompt"), default=sup, help="MMD sample positions"

@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["GEN_POSITIONS", "LAMBDA_MODES", "LOC_POSITIONS", "REPHRASE_KINDS", "ODEditConfig"]
 
 LAMBDA_MODES: tuple[str, ...] = ("params", "sketch", "fixed")
+#: The IRM environments (DESIGN §5): the edit prompt, its rephrases, the locality prompts.
+IRM_ENVIRONMENTS: tuple[str, ...] = ("in_distribution", "neighbours", "ood")
 GEN_POSITIONS: tuple[str, ...] = ("answer", "last_prompt")
 LOC_POSITIONS: tuple[str, ...] = ("answer", "all")
 REPHRASE_KINDS: tuple[str, ...] = ("rephrase", "image_rephrase")
@@ -105,6 +107,11 @@ class ODEditConfig(PeftConfig):
         loc_positions (`str`, defaults to `"answer"`):
             Rows of the locality KL: `"answer"` = the positions predicting the `loc_ans` / `m_loc_a` tokens,
             `"all"` = every non-padding text position.
+        irm_environments (`tuple[str, ...]`, defaults to `("in_distribution", "neighbours", "ood")`):
+            The environments whose omega-derivatives enter the IRM-TV penalty (DESIGN: all three). For
+            ablation: the in-distribution and neighbour terms resist sharpening the new answer (their
+            derivative is E_p[z] - z_y < 0 until the target dominates), the `"ood"` term only asks the
+            locality prompts to keep their pre-edit scale.
         lambda_mode (`str`, defaults to `"sketch"`):
             Input of the lambda network: `"sketch"` (a fixed random projection of the edit parameters to
             `sketch_dim` numbers, regenerated from `sketch_seed` on the fly, never stored), `"params"` (the
@@ -151,6 +158,9 @@ class ODEditConfig(PeftConfig):
     )
     mmd_bandwidths: tuple[float, ...] | None = field(default=None, metadata={"help": "Absolute bandwidths."})
     loc_positions: str = field(default="answer", metadata={"help": "Rows of the locality KL."})
+    irm_environments: tuple[str, ...] = field(
+        default=IRM_ENVIRONMENTS, metadata={"help": "Environments in the IRM-TV penalty."}
+    )
     lambda_mode: str = field(default="sketch", metadata={"help": "params | sketch | fixed."})
     lambda_init: float = field(default=0.001, metadata={"help": "Initial lambda."})
     lambda_hidden_size: int = field(default=64, metadata={"help": "Hidden width of the lambda network."})
@@ -198,6 +208,14 @@ class ODEditConfig(PeftConfig):
             raise ValueError(
                 f"{where}.rephrase_kinds must be distinct names from {REPHRASE_KINDS}, got {self.rephrase_kinds}"
             )
+        self.irm_environments = tuple(self.irm_environments)
+        bad = [e for e in self.irm_environments if e not in IRM_ENVIRONMENTS]
+        if bad or not self.irm_environments or len(set(self.irm_environments)) != len(self.irm_environments):
+            raise ValueError(
+                f"{where}.irm_environments must be distinct names from {IRM_ENVIRONMENTS}, got {self.irm_environments}"
+            )
+        if "neighbours" in self.irm_environments and self.irm_penalty and not self.rephrase_kinds:
+            raise ValueError(f"{where}: the 'neighbours' IRM environment needs at least one rephrase kind")
         if self.gen_risk and not self.rephrase_kinds:
             raise ValueError(f"{where}: gen_risk=True needs at least one of rephrase_kinds={REPHRASE_KINDS}")
         for name in ("num_rephrases", "lambda_hidden_size", "sketch_dim"):

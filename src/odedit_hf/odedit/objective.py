@@ -218,7 +218,9 @@ class ODEditObjective:
                 rows = torch.cat([n.answer_logits for n in neighbour])
                 targets = torch.cat([n.answer_targets for n in neighbour])
                 omega["neighbours"] = reliability_risk_rows(rows, targets, backend=backend)[1]
-            terms.penalty = irm_tv_penalty({e: omega[e] for e in ENVIRONMENTS if e in omega})
+            terms.penalty = irm_tv_penalty(
+                {e: omega[e] for e in ENVIRONMENTS if e in omega and e in cfg.irm_environments}
+            )
             if lam is None:
                 raise ValueError("ODEditObjective: irm_penalty is on but no lambda was given")
             terms.lam = lam
