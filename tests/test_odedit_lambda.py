@@ -141,3 +141,13 @@ def test_sketch_memory_is_independent_of_the_edit_size() -> None:
     huge = lambda_network_num_parameters("sketch", 10**9, 64, 128)
     assert small == huge
     assert lambda_network_num_parameters("params", 10**6, 64, 128) > 64 * 10**6
+
+
+def test_sketch_input_has_the_scale_of_one_edit_parameter() -> None:
+    """sqrt(k/n)·Sθ: per-coordinate mean square ≈ that of θ, as the `params` input (same init scaling)."""
+    gen = torch.Generator().manual_seed(3)
+    theta = [torch.randn(100, 100, generator=gen) * 0.02]
+    net = LambdaNetwork("sketch", theta[0].numel(), hidden_size=8, sketch_dim=64, seed=1)
+    u = net.features(theta)
+    ratio = float(u.pow(2).mean() / theta[0].pow(2).mean())
+    assert u.shape == (64,) and 0.6 < ratio < 1.4

@@ -11,7 +11,8 @@
   match), and ``E‖Sθ‖² = ‖θ‖²`` (a JL-type sketch). For small edits the hash's output (12 bytes per
   coordinate: bucket int64, sign float32) is memoised process-wide, at most ``SKETCH_MEMO_BYTES`` in all,
   so the per-edit loop does not rehash the same coordinates at every step; larger edits are rehashed
-  chunk by chunk in the forward and again in the backward (memory O(chunk)).
+  chunk by chunk in the forward and again in the backward (memory O(chunk)). The network's input is
+  ``sqrt(k/|θ|)·Sθ``: each coordinate then has the scale of one edit parameter, as in ``params`` mode.
 - ``fixed``: no network; λ is the constant ``lambda_init`` (ablation).
 
 The output layer starts at zero weight and a bias with Softplus(bias) = ``lambda_init``, so λ starts at
@@ -213,7 +214,12 @@ class LambdaNetwork(nn.Module):
                     "rebuild it for this adapter"
                 )
             return flat
-        return count_sketch(params, self.sketch_dim, self.seed)
+        # Sθ keeps ‖θ‖ but spreads it over k coordinates, each ~sqrt(|θ|/k) times an edit parameter; scaled
+        # back, every input coordinate has the scale of one edit parameter, as in `params` mode, so the two
+        # networks (same fan-in-scaled init) see θ move at the same rate. Unscaled, the sketch network was
+        # sqrt(|θ|/k) ≈ 23x more sensitive on the tiny world and sequential edits took 13 steps instead of 5.
+        scale = math.sqrt(self.sketch_dim / self.num_edit_parameters)
+        return count_sketch(params, self.sketch_dim, self.seed) * scale
 
     def forward(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """λ as a 0-dim tensor (differentiable w.r.t. the network and the edit parameters)."""
