@@ -2,8 +2,8 @@
 
 Usage (quiet machine; the bars are tiny <= 300 s, micro <= 90 s):
 
-    OMP_NUM_THREADS=1 time .venv/bin/python benchmarks/world.py --preset tiny --seed 0
-    OMP_NUM_THREADS=1 time .venv/bin/python benchmarks/world.py --preset micro --seed 0
+    time .venv/bin/python benchmarks/world.py --preset tiny --seed 0     # 2 torch threads by default
+    time .venv/bin/python benchmarks/world.py --preset micro --seed 0
 
 Each run builds from scratch into a temporary folder (force), prints a table and writes a JSON row to
 benchmarks/out/world-{preset}-seed{seed}.json. It also exports the data files twice more (seed, and
@@ -32,7 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--preset", default="tiny", choices=("micro", "tiny"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: build_world's, 2 capped at the CPUs)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - start
         print(
             f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, world version {WORLD_VERSION}, threads {args.threads}"
+            f"transformers {transformers.__version__}, world version {WORLD_VERSION}, threads {world.info['threads']}"
         )
         print(format_table(world))
         print(
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {
             "preset": args.preset,
             "seed": args.seed,
-            "threads": args.threads,
+            "threads": world.info["threads"],
             "wall_s": wall,
             "timings": world.info["timings"],
             "train_steps": world.info["train_steps"],

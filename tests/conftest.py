@@ -50,5 +50,10 @@ def micro_world():
     gitignored ``.cache/worlds/`` (keyed by the world code's hash), so a test session builds it at most once."""
     from odedit_hf.data.world import build_world
 
-    root = pathlib.Path(__file__).resolve().parents[1] / ".cache" / "worlds" / f"micro-seed0-{_world_source_hash()}"
+    root = (
+        pathlib.Path(__file__).resolve().parents[1]
+        / ".cache"
+        / "worlds"
+        / f"micro-seed0-{_world_source_hash()}"
+    )
     return build_world(preset="micro", seed=0, out=root, progress=False)

@@ -69,6 +69,23 @@ def test_unknown_preset_and_bad_seed():
         generate_world("micro", -1)
 
 
+def test_preset_validates_its_training_knobs():
+    import dataclasses
+
+    with pytest.raises(ValueError, match="perception_share"):
+        dataclasses.replace(PRESETS["tiny"], perception_share=0.0)
+    with pytest.raises(ValueError, match="vision_pretrain_steps"):
+        dataclasses.replace(PRESETS["tiny"], vision_pretrain_steps=-1)
+
+
+def test_build_world_rejects_bad_threads(tmp_path):
+    from odedit_hf.data.world import build_world
+
+    for threads in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="threads"):
+            build_world("micro", 0, out=tmp_path / "w", threads=threads)
+
+
 def test_renderings_differ_but_are_reproducible():
     entity = generate_world("micro", 0).entities[0]
     first = render_array(entity, 0, 0)
@@ -127,6 +144,40 @@ def test_exported_records_load_through_the_loader(tmp_path):
     # train and eval records edit different (image, question) pairs
     pairs = lambda recs: {(r["image"], r["pred"]) for r in recs}  # noqa: E731
     assert not pairs(edit_records(world, "vqa", "train")) & pairs(edit_records(world, "vqa", "eval"))
+
+
+def test_vision_pretraining_trains_the_tower_and_leaves_a_plain_llava():
+    import dataclasses
+    import math
+
+    import torch
+
+    from odedit_hf.data.world.build import _pool_pixel_values
+    from odedit_hf.data.world.pretrain import attribute_labels, build_model, pretrain_vision
+    from odedit_hf.data.world.spec import PERCEPTION_RELATIONS
+    from odedit_hf.data.world.tokenizer import build_processor
+
+    preset = dataclasses.replace(
+        PRESETS["micro"], train_renderings=4, batch_size=32, vision_pretrain_steps=40, vision_pretrain_lr=3e-3
+    )
+    world = generate_world(preset, 0)
+    processor = build_processor(world)
+    pixel_values = _pool_pixel_values(world, processor, progress=False)
+    labels = attribute_labels(world, preset.train_renderings)
+    assert labels.shape == (len(world.entities) * 4, len(PERCEPTION_RELATIONS))
+    entity = world.entities[5]
+    assert world.answers["shape"][int(labels[5 * 4 + 3, PERCEPTION_RELATIONS.index("shape")])] == entity.shape
+
+    torch.manual_seed(0)
+    model = build_model(preset, processor)
+    keys = set(model.state_dict())
+    before = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    stats = pretrain_vision(model, world, pixel_values, preset, seed=0, progress=False)
+    after = model.model.vision_tower.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the vision tower did not train"
+    assert set(model.state_dict()) == keys, "the attribute heads must not stay in the model"
+    chance = sum(math.log(len(world.answers[r])) for r in PERCEPTION_RELATIONS)
+    assert stats["vision_steps"] == 40 and stats["vision_loss"] < 0.5 * chance, stats
 
 
 # ------------------------------------------------------------------------------------ the model

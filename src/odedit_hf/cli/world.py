@@ -30,7 +30,12 @@ def add_parser(subparsers, name: str = "world", help: str | None = None) -> argp
         help="world folder (default: $ODEDIT_HF_CACHE or ~/.cache/odedit_hf/worlds/...)",
     )
     build.add_argument("--force", action="store_true", help="rebuild even if the folder holds the world")
-    build.add_argument("--threads", type=int, default=1, help="torch CPU threads while building (default: 1)")
+    build.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads while building (default: 2, or the CPU count if lower; 1 on a busy machine)",
+    )
     build.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.set_defaults(_world_parser=parser)
     return parser

@@ -41,8 +41,10 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TrainingRow",
     "WorldCollator",
+    "attribute_labels",
     "build_model",
     "make_training_rows",
+    "pretrain_vision",
     "teacher_forced_accuracy",
     "train_model",
 ]
@@ -200,6 +202,7 @@ def make_training_rows(
         raise ValueError(
             f"make_training_rows: need 0 <= warmup_samples <= num_samples, got {warmup_samples}, {num_samples}"
         )
+    perception_share = world.preset.perception_share
     knowledge = [(e, r) for e in world.entities for r in (*VISUAL_RELATIONS, CAPTION_RELATION)]
     perception = [(e, r) for e in world.entities for r in PERCEPTION_RELATIONS]
     textual = [(e, r) for e in world.entities for r in TEXT_RELATIONS]
@@ -217,9 +220,15 @@ def make_training_rows(
     rng.shuffle(warmup)
     rows: list[TrainingRow] = []
     while len(rows) < num_samples - warmup_samples:
-        # every perception question every round: with one per entity and round instead, the micro
-        # world's perception accuracy fell from 0.96 to 0.65 and its trained facts from 1.0 to 0.85
-        rows.extend(image_row(e, r) for e, r in (*knowledge, *perception))
+        rows.extend(image_row(e, r) for e, r in knowledge)
+        if perception_share >= 1.0:
+            # without vision pretraining, every perception question every round: with one per entity and
+            # round instead, the micro world's perception fell from 0.96 to 0.65, trained facts 1.0 -> 0.85
+            rows.extend(image_row(e, r) for e, r in perception)
+        else:
+            # a pretrained vision tower needs fewer (256 entities, 1200 steps: trained facts 0.954 with
+            # a share of 0.34 against 0.939 with all of them)
+            rows.extend(image_row(e, r) for e, r in perception if rng.random() < perception_share)
         for entity, relation in textual:
             if rng.random() >= _TEXT_SHARE:
                 continue
@@ -288,17 +297,17 @@ def train_model(
             frozen = [p for n, p in model.named_parameters() if "vision_tower" in n and p.requires_grad]
             for param in frozen:
                 param.requires_grad_(False)
-        vision = [
-            p
-            for n, p in model.named_parameters()
-            if ("vision_tower" in n or "multi_modal_projector" in n) and p.requires_grad
+        vision = [p for n, p in model.named_parameters() if "vision_tower" in n and p.requires_grad]
+        projector = [
+            p for n, p in model.named_parameters() if "multi_modal_projector" in n and p.requires_grad
         ]
-        vision_ids = {id(p) for p in vision}
-        rest = [p for p in model.parameters() if id(p) not in vision_ids and p.requires_grad]
+        special = {id(p) for p in (*vision, *projector)}
+        rest = [p for p in model.parameters() if id(p) not in special and p.requires_grad]
         optimizer = torch.optim.AdamW(
             [
                 {"params": rest, "lr": preset.learning_rate},
                 {"params": vision, "lr": preset.learning_rate * preset.vision_lr_scale},
+                {"params": projector, "lr": preset.learning_rate * preset.projector_lr_scale},
             ],
             betas=(0.9, 0.98),
             weight_decay=0.0,
@@ -322,6 +331,118 @@ def train_model(
         seconds = time.perf_counter() - start
     model.eval()
     return {"train_loss": float(result.training_loss), "train_steps": float(steps), "train_seconds": seconds}
+
+
+def attribute_labels(world: WorldSpec, pool_size: int) -> torch.Tensor:
+    """``(N * pool_size, len(PERCEPTION_RELATIONS))`` class indices of the training pool's images (entity-major):
+    per perception relation, the index of the entity's answer in ``world.answers[relation]``."""
+    rows = [
+        [world.answers[r].index(e.facts[r]) for r in PERCEPTION_RELATIONS]
+        for e in world.entities
+        for _ in range(pool_size)
+    ]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class _AttributeProbe(torch.nn.Module):
+    """The LLaVA vision tower with one linear head per perception relation over the features LLaVA feeds
+    its projector (every token of the last layer: the ``"full"`` strategy). Used only by
+    :func:`pretrain_vision`; the heads are dropped afterwards."""
+
+    def __init__(self, vision_tower: torch.nn.Module, num_tokens: int, sizes: Sequence[int]):
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.sizes = list(sizes)
+        self.heads = torch.nn.Linear(vision_tower.config.hidden_size * num_tokens, sum(self.sizes))
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.vision_tower(pixel_values=pixel_values).last_hidden_state.flatten(1)
+        logits = self.heads(features).split(self.sizes, dim=-1)
+        loss = sum(torch.nn.functional.cross_entropy(part, labels[:, i]) for i, part in enumerate(logits))
+        return {"loss": loss}
+
+
+class _PoolDataset(Dataset):
+    def __init__(self, indices: Sequence[int]):
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> int:
+        return self.indices[index]
+
+
+def pretrain_vision(
+    model: LlavaForConditionalGeneration,
+    world: WorldSpec,
+    pixel_values: torch.Tensor,
+    preset: WorldPreset,
+    *,
+    seed: int,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Pretrain the vision tower alone to classify the training pool's visual attributes (colour, shape,
+    pattern) with a ``transformers.Trainer`` — the role a pretrained CLIP encoder plays in LLaVA.
+
+    Through the language model alone, the tower learns shape slowly (measured, 128 entities: shape
+    accuracy 0.27, near chance, after 600 steps of batch 128); with this direct loss it reaches 0.96 on
+    unseen renderings of 256 entities in 100 steps. The linear heads are discarded; the tower then
+    trains with the rest of the model at ``preset.vision_lr_scale``.
+
+    Returns:
+        ``{"vision_loss", "vision_steps", "vision_seconds"}``.
+    """
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    steps = preset.vision_pretrain_steps
+    tower = model.model.vision_tower
+    labels = attribute_labels(world, preset.train_renderings)
+    if labels.shape[0] != pixel_values.shape[0]:
+        raise ValueError(f"pretrain_vision: {pixel_values.shape[0]} pool images but {labels.shape[0]} labels")
+    num_tokens = tower.embeddings.num_positions  # patches + CLS
+    probe = _AttributeProbe(tower, num_tokens, [len(world.answers[r]) for r in PERCEPTION_RELATIONS])
+    rng = random.Random(f"odedit-hf-world-vision/{seed}")
+    indices = [rng.randrange(pixel_values.shape[0]) for _ in range(steps * preset.batch_size)]
+
+    def collate(batch: Sequence[int]) -> dict[str, torch.Tensor]:
+        index = torch.tensor(batch, dtype=torch.long)
+        return {"pixel_values": pixel_values[index], "labels": labels[index]}
+
+    with tempfile.TemporaryDirectory(prefix="odedit-hf-world-vision-") as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=preset.batch_size,
+            num_train_epochs=1,
+            learning_rate=preset.vision_pretrain_lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, int(preset.warmup_ratio * steps)),
+            weight_decay=0.0,
+            adam_beta2=0.98,
+            max_grad_norm=1.0,
+            logging_steps=max(1, steps // 5),
+            save_strategy="no",
+            report_to="none",
+            seed=seed,
+            data_seed=seed,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            train_sampling_strategy="sequential",  # indices are drawn above, seeded
+            disable_tqdm=not progress,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = Trainer(model=probe, args=args, train_dataset=_PoolDataset(indices), data_collator=collate)
+        if not progress:
+            trainer.remove_callback(PrinterCallback)
+            trainer.add_callback(_LogCallback())
+        start = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - start
+    return {
+        "vision_loss": float(result.training_loss),
+        "vision_steps": float(steps),
+        "vision_seconds": seconds,
+    }
 
 
 class _LogCallback(TrainerCallback):

@@ -38,7 +38,7 @@ __all__ = [
 
 #: Bump whenever anything that changes the generated files or the trained model changes: it enters the
 #: cache key, so a cached world from older code is never reused.
-WORLD_VERSION = "2"
+WORLD_VERSION = "3"
 
 SHAPES: tuple[str, ...] = ("dome", "square", "triangle", "cross", "star", "ring")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -118,7 +118,11 @@ class WorldPreset:
         freeze_vision_after_warmup: train in two stages (LLaVA style): the warm-up with everything
             trainable, then the rest with the vision tower frozen.
         batch_size, learning_rate, warmup_ratio: optimisation.
-        vision_lr_scale: learning-rate multiplier of the vision tower and projector.
+        vision_lr_scale, projector_lr_scale: learning-rate multipliers of the vision tower and of the
+            multimodal projector.
+        perception_share: the share of (entity, perception relation) questions in each training round.
+        vision_pretrain_steps, vision_pretrain_lr: a first stage that trains the vision tower alone to
+            classify the training renderings' colour, shape and pattern (batch ``batch_size``); 0 skips it.
         vision_hidden, vision_layers, text_hidden, text_layers, text_intermediate, heads: model sizes.
     """
 
@@ -138,6 +142,10 @@ class WorldPreset:
     learning_rate: float
     warmup_ratio: float
     vision_lr_scale: float
+    projector_lr_scale: float
+    perception_share: float
+    vision_pretrain_steps: int
+    vision_pretrain_lr: float
     vision_hidden: int
     vision_layers: int
     text_hidden: int
@@ -145,18 +153,33 @@ class WorldPreset:
     text_intermediate: int
     heads: int
 
+    def __post_init__(self):
+        if not 0.0 < self.perception_share <= 1.0:
+            raise ValueError(
+                f"WorldPreset {self.name!r}: perception_share must be in (0, 1], got {self.perception_share}"
+            )
+        if self.vision_pretrain_steps < 0 or self.vision_pretrain_lr <= 0:
+            raise ValueError(
+                f"WorldPreset {self.name!r}: need vision_pretrain_steps >= 0 and vision_pretrain_lr > 0, got "
+                f"{self.vision_pretrain_steps} and {self.vision_pretrain_lr}"
+            )
+        if self.vision_lr_scale < 0 or self.projector_lr_scale < 0:
+            raise ValueError(f"WorldPreset {self.name!r}: learning-rate scales must be >= 0")
+
 
 PRESETS: dict[str, WorldPreset] = {
     "micro": WorldPreset(
         name="micro", num_entities=32, num_homes=8, num_foods=8, num_makers=8, train_renderings=32,
         heldout_renderings=2, num_eval_edits=16, num_train_edits=16, train_samples=32_000, warmup_samples=0, freeze_vision_after_warmup=False, batch_size=64,
-        learning_rate=3e-3, warmup_ratio=0.05, vision_lr_scale=0.4, vision_hidden=96, vision_layers=2,
-        text_hidden=128, text_layers=2, text_intermediate=256, heads=4,
+        learning_rate=3e-3, warmup_ratio=0.05, vision_lr_scale=0.4, projector_lr_scale=0.4,
+        perception_share=1.0, vision_pretrain_steps=0, vision_pretrain_lr=1e-3,
+        vision_hidden=96, vision_layers=2, text_hidden=128, text_layers=2, text_intermediate=256, heads=4,
     ),
     "tiny": WorldPreset(
-        name="tiny", num_entities=64, num_homes=12, num_foods=12, num_makers=8, train_renderings=48,
-        heldout_renderings=2, num_eval_edits=120, num_train_edits=60, train_samples=128_000, warmup_samples=0, freeze_vision_after_warmup=False,
-        batch_size=64, learning_rate=3e-3, warmup_ratio=0.05, vision_lr_scale=0.4, vision_hidden=96,
+        name="tiny", num_entities=256, num_homes=12, num_foods=12, num_makers=8, train_renderings=48,
+        heldout_renderings=2, num_eval_edits=120, num_train_edits=60, train_samples=179_200, warmup_samples=0, freeze_vision_after_warmup=False,
+        batch_size=128, learning_rate=2e-3, warmup_ratio=0.05, vision_lr_scale=0.01, projector_lr_scale=0.01,
+        perception_share=0.34, vision_pretrain_steps=200, vision_pretrain_lr=2e-3, vision_hidden=96,
         vision_layers=2, text_hidden=128, text_layers=2, text_intermediate=512, heads=4,
     ),
 }  # fmt: skip
