@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +99,20 @@ def trainable_parameters(peft_model: Any) -> list[Any]:
     return params
 
 
+def _no_layer_changes(peft_model: Any, layer_type: type, changes: Callable[[Any, str], bool]) -> bool:
+    """True when the model has ``layer_type`` adapter layers, none merged, and ``changes(layer, name)`` is
+    False for every active adapter name of every such layer (``adapter_is_identity`` of the editors)."""
+    import torch
+
+    layers = [m for m in peft_model.modules() if isinstance(m, layer_type)]
+    if not layers:
+        return False
+    with torch.no_grad():
+        return not any(
+            layer.merged or any(changes(layer, name) for name in layer.active_adapters) for layer in layers
+        )
+
+
 @dataclass
 class _PlainEditor:
     """Shared part of the plain editors: targets, the loop's hyperparameters, and ``edit``."""
@@ -184,21 +198,12 @@ class FTMethod(_PlainEditor):
 
     def adapter_is_identity(self, peft_model: PeftModel) -> bool:
         """Whether the active FT-L adapter changes nothing yet (every active delta is exactly zero)."""
-        import torch
-
         from odedit_hf.editors.ft import FTLLayer
 
-        layers = [m for m in peft_model.modules() if isinstance(m, FTLLayer)]
-        if not layers:
-            return False
-        with torch.no_grad():
-            for layer in layers:
-                if layer.merged:
-                    return False
-                for name in layer.active_adapters:
-                    if name in layer.ftl_delta and bool(layer.ftl_delta[name].any()):
-                        return False
-        return True
+        def changes(layer: Any, name: str) -> bool:
+            return name in layer.ftl_delta and bool(layer.ftl_delta[name].any())
+
+        return _no_layer_changes(peft_model, FTLLayer, changes)
 
     def post_step(self, peft_model: PeftModel) -> Any:
         if self.norm_constraint is None:
@@ -240,19 +245,11 @@ class LoRAMethod(_PlainEditor):
 
     def adapter_is_identity(self, peft_model: PeftModel) -> bool:
         """Whether the active LoRA adapter changes nothing yet (plain LoRA with every active ``B`` zero)."""
-        import torch
         from peft.tuners.lora import LoraLayer
 
-        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
-        if not layers:
-            return False
-        with torch.no_grad():
-            for layer in layers:
-                if layer.merged:
-                    return False
-                for name in layer.active_adapters:
-                    if name not in layer.lora_B:
-                        continue
-                    if layer.use_dora.get(name, False) or bool(layer.lora_B[name].weight.any()):
-                        return False
-        return True
+        def changes(layer: Any, name: str) -> bool:
+            if name not in layer.lora_B:
+                return False
+            return bool(layer.use_dora.get(name, False)) or bool(layer.lora_B[name].weight.any())
+
+        return _no_layer_changes(peft_model, LoraLayer, changes)

@@ -265,31 +265,12 @@ def train_model(
     Returns:
         ``{"train_loss", "train_steps", "train_seconds"}``.
     """
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer
 
     steps = math.ceil(len(rows) / preset.batch_size)
     with tempfile.TemporaryDirectory(prefix="odedit-hf-world-train-") as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=preset.batch_size,
-            num_train_epochs=1,
-            learning_rate=preset.learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=max(1, int(preset.warmup_ratio * steps)),
-            weight_decay=0.0,
-            adam_beta2=0.98,
-            max_grad_norm=1.0,
-            logging_steps=max(1, steps // 10),
-            save_strategy="no",
-            report_to="none",
-            seed=seed,
-            data_seed=seed,
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-            train_sampling_strategy="sequential",  # rows come pre-shuffled, warm-up block first
-            disable_tqdm=not progress,
-            use_cpu=not torch.cuda.is_available(),
-        )
+        # rows come pre-shuffled, warm-up block first: sequential sampling
+        args = _training_arguments(tmp, preset, steps, preset.learning_rate, steps // 10, seed, progress)
         # The vision tower and projector learn through the whole language model, so they get a larger
         # learning rate (preset.vision_lr_scale) to learn the entities' visual attributes in time.
         frozen = []
@@ -393,7 +374,7 @@ def pretrain_vision(
     Returns:
         ``{"vision_loss", "vision_steps", "vision_seconds"}``.
     """
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer
 
     steps = preset.vision_pretrain_steps
     tower = model.model.vision_tower
@@ -410,27 +391,8 @@ def pretrain_vision(
         return {"pixel_values": pixel_values[index], "labels": labels[index]}
 
     with tempfile.TemporaryDirectory(prefix="odedit-hf-world-vision-") as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=preset.batch_size,
-            num_train_epochs=1,
-            learning_rate=preset.vision_pretrain_lr,
-            lr_scheduler_type="cosine",
-            warmup_steps=max(1, int(preset.warmup_ratio * steps)),
-            weight_decay=0.0,
-            adam_beta2=0.98,
-            max_grad_norm=1.0,
-            logging_steps=max(1, steps // 5),
-            save_strategy="no",
-            report_to="none",
-            seed=seed,
-            data_seed=seed,
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-            train_sampling_strategy="sequential",  # indices are drawn above, seeded
-            disable_tqdm=not progress,
-            use_cpu=not torch.cuda.is_available(),
-        )
+        # indices are drawn above, seeded: sequential sampling
+        args = _training_arguments(tmp, preset, steps, preset.vision_pretrain_lr, steps // 5, seed, progress)
         trainer = Trainer(model=probe, args=args, train_dataset=_PoolDataset(indices), data_collator=collate)
         if not progress:
             trainer.remove_callback(PrinterCallback)
@@ -443,6 +405,42 @@ def pretrain_vision(
         "vision_steps": float(steps),
         "vision_seconds": seconds,
     }
+
+
+def _training_arguments(
+    output_dir: str,
+    preset: WorldPreset,
+    steps: int,
+    learning_rate: float,
+    logging_steps: int,
+    seed: int,
+    progress: bool,
+) -> Any:
+    """The ``TrainingArguments`` of both world training stages: one sequential pass (the examples come
+    pre-shuffled), cosine schedule with warm-up, AdamW(β2 0.98), clipping at 1, no checkpoints."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=preset.batch_size,
+        num_train_epochs=1,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, int(preset.warmup_ratio * steps)),
+        weight_decay=0.0,
+        adam_beta2=0.98,
+        max_grad_norm=1.0,
+        logging_steps=max(1, logging_steps),
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        train_sampling_strategy="sequential",
+        disable_tqdm=not progress,
+        use_cpu=not torch.cuda.is_available(),
+    )
 
 
 class _LogCallback(TrainerCallback):
