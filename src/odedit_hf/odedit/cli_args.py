@@ -79,7 +79,7 @@ def add_odedit_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("ODEdit (--method odedit)")
     sup = argparse.SUPPRESS
     group.add_argument("--editor", default="ft", help="base editor ODEdit wraps: ft, lora, ... (default: ft)")
-    group.add_argument("--odedit-alpha", type=float, default=sup, help="weight of R_loc (default 1.0)")
+    group.add_argument("--odedit-alpha", type=float, default=sup, help="weight of R_loc (default 0.1)")
     group.add_argument("--odedit-beta", type=float, default=sup, help="weight of R_gen (default 0.1)")
     group.add_argument("--no-loc-risk", action="store_true", help="ablation: drop R_loc")
     group.add_argument("--no-gen-risk", action="store_true", help="ablation: drop R_gen")
