@@ -13,7 +13,14 @@ from .registration import ODEDIT, extend_peft_type, import_editor_packages, regi
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GEN_POSITIONS", "LAMBDA_MODES", "LOC_POSITIONS", "REPHRASE_KINDS", "ODEditConfig"]
+__all__ = [
+    "GEN_POSITIONS",
+    "IRM_ENVIRONMENTS",
+    "LAMBDA_MODES",
+    "LOC_POSITIONS",
+    "REPHRASE_KINDS",
+    "ODEditConfig",
+]
 
 LAMBDA_MODES: tuple[str, ...] = ("params", "sketch", "fixed")
 #: The IRM environments (DESIGN §5): the edit prompt, its rephrases, the locality prompts.

@@ -73,12 +73,8 @@ def _tables(
     key = (n, k, seed, str(device))
     hit = _memo.get(key)
     if hit is None and 0 < n * _MEMO_BYTES_PER_COORDINATE <= SKETCH_MEMO_BYTES // 4:
-        bucket = torch.empty(n, dtype=torch.int64, device=device)
-        sign = torch.empty(n, dtype=torch.float32, device=device)
-        for start in range(0, n, _CHUNK):
-            stop = min(start + _CHUNK, n)
-            bucket[start:stop], sign[start:stop] = _buckets_signs(start, stop, k, seed, device)
-        hit = _memo[key] = (bucket, sign)
+        # the memo holds at most a few MB of tables: one hash call, no chunking needed
+        hit = _memo[key] = _buckets_signs(0, n, k, seed, device)
         while len(_memo) > 1 and _memo_bytes() > SKETCH_MEMO_BYTES:
             _memo.popitem(last=False)  # least recently used first
     if hit is not None:

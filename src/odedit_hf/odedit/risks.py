@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .config import IRM_ENVIRONMENTS, REPHRASE_KINDS
+
 if TYPE_CHECKING:
     from odedit_hf.backbones import Backbone, PromptSample
     from odedit_hf.data import EditRequest
@@ -56,7 +58,6 @@ __all__ = [
     "locality_risk",
     "locality_rows",
     "median_bandwidths",
-    "neighbour_omega_grad",
     "reliability_risk",
     "reliability_risk_rows",
     "run_groups",
@@ -68,11 +69,9 @@ IGNORE_INDEX = -100
 #: ``loc`` (text only) and ``m_loc``.
 GROUPS: tuple[str, ...] = ("edit", "rephrase", "image_rephrase", "loc", "m_loc")
 #: IRM environments and the groups that make each.
-ENVIRONMENTS: dict[str, tuple[str, ...]] = {
-    "in_distribution": ("edit",),
-    "neighbours": ("rephrase", "image_rephrase"),
-    "ood": ("loc", "m_loc"),
-}
+ENVIRONMENTS: dict[str, tuple[str, ...]] = dict(
+    zip(IRM_ENVIRONMENTS, (("edit",), REPHRASE_KINDS, ("loc", "m_loc")), strict=True)
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,13 +125,6 @@ def reliability_risk_rows(
 
     nll, domega = nll_with_omega(rows, targets, ignore_index=IGNORE_INDEX, backend=backend)
     return nll.mean(), domega.mean()
-
-
-def neighbour_omega_grad(
-    logits: torch.Tensor, labels: torch.Tensor, *, backend: str = "auto"
-) -> torch.Tensor:
-    """Mean ω-derivative of the target NLL on rephrase prompts (the neighbour environment's IRM gradient)."""
-    return reliability_risk(logits, labels, backend=backend)[1]
 
 
 def locality_rows(
@@ -393,17 +385,15 @@ class GroupOutput:
     attention_mask: torch.Tensor  # (r, T)
     image_mask: torch.Tensor | None  # (r, T)
     hidden: torch.Tensor | None  # (r, T, H)
-    answer_logits: torch.Tensor | None = None  # (N, V)
-    answer_targets: torch.Tensor | None = None  # (N,)
-    answer_hidden: torch.Tensor | None = None  # (N, H)
-    answer_counts: list[int] | None = None  # r entries summing to N
+    answer_logits: torch.Tensor  # (N, V)
+    answer_targets: torch.Tensor  # (N,)
+    answer_counts: list[int]  # r entries summing to N
+    answer_hidden: torch.Tensor | None  # (N, H), with ``hidden``
 
     def answer_hidden_per_row(self, mode: str) -> list[torch.Tensor]:
         """:func:`gen_samples` from the gathered rows: ``[(n_i, H)]`` per row of the group."""
-        if self.answer_hidden is None or self.answer_counts is None:
-            if self.hidden is None:
-                raise ValueError("GroupOutput: no hidden states were requested for this group")
-            return gen_samples(self.hidden, self.labels, mode)
+        if self.answer_hidden is None:
+            raise ValueError("GroupOutput: no hidden states were requested for this group")
         if mode not in ("answer", "last_prompt"):
             raise ValueError(f"gen_samples: mode must be 'answer' or 'last_prompt', got {mode!r}")
         parts = list(torch.split(self.answer_hidden, self.answer_counts))
@@ -411,11 +401,6 @@ class GroupOutput:
 
     def answer_logits_per_row(self) -> list[torch.Tensor]:
         """The answer logits rows of each row of the group: ``[(n_i, V)]``."""
-        if self.answer_logits is None or self.answer_counts is None:
-            return [
-                answer_rows(self.logits[i : i + 1], self.labels[i : i + 1])[0]
-                for i in range(self.logits.shape[0])
-            ]
         return list(torch.split(self.answer_logits, self.answer_counts))
 
 
@@ -469,7 +454,7 @@ def run_groups(
                 hidden=hidden[start:stop] if with_hidden else None,
                 answer_logits=answer_logits[lo:hi],
                 answer_targets=answer_targets[lo:hi],
-                answer_hidden=answer_hidden[lo:hi] if (with_hidden and answer_hidden is not None) else None,
+                answer_hidden=answer_hidden[lo:hi] if with_hidden else None,
                 answer_counts=counts[start:stop],
             )
     return out
