@@ -69,7 +69,7 @@ def _world(args: argparse.Namespace) -> tuple[Any, list[Any]]:
 
 def _method(name: str, editor_args: dict[str, Any], objective: dict[str, Any]) -> Any:
     from odedit_hf.editing import get_method
-    from odedit_hf.odedit.method import ODEditMethod
+    from odedit_hf.methods.odedit.method import ODEditMethod
 
     if name.startswith("odedit+"):
         return ODEditMethod(get_method(name.split("+", 1)[1], **editor_args), objective=objective)
@@ -143,7 +143,7 @@ def print_quality(rows: list[dict[str, Any]]) -> None:
 
 def memory_table(args: argparse.Namespace) -> None:
     """λ-network memory, params vs sketch: measured on the tiny world model, computed for BLIP-2 OPT-2.7B."""
-    from odedit_hf.odedit.lambda_net import lambda_network_num_parameters
+    from odedit_hf.methods.odedit.lambda_net import lambda_network_num_parameters
 
     hidden, sketch = args.lambda_hidden_size, args.sketch_dim
     rows = []
@@ -318,8 +318,9 @@ def run_interleaved(args: argparse.Namespace) -> None:
     current: list[Any] = [None, False]  # the method editing now; whether a timed phase is running
     if args.phases:
         import odedit_hf.editing.methods as editing_methods
-        import odedit_hf.odedit.lambda_net as lambda_net
-        import odedit_hf.odedit.objective as objective_module
+
+        import odedit_hf.methods.odedit.lambda_net as lambda_net
+        import odedit_hf.methods.odedit.objective as objective_module
         from odedit_hf.backbones import Backbone
 
         def timed(owner: Any, attr: str, label: str) -> None:

@@ -36,7 +36,7 @@ def main() -> None:
 
     import torch
 
-    import odedit_hf.odedit.objective as objective_module
+    import odedit_hf.methods.odedit.objective as objective_module
     from odedit import _method, _world  # benchmarks/odedit.py
     from odedit_hf.evaluation import run_protocol
     from odedit_kernels.kl import kl_with_omega_reference

@@ -49,7 +49,17 @@ def data_file(tmp_path_factory):
 def test_edit_runs_end_to_end_and_writes_results(tiny_model_dir, data_file, tmp_path, capsys):
     out = tmp_path / "results.json"
     argv = ["edit", "--model", tiny_model_dir, "--data", data_file, "--method", "lora", "--n", "2"]
-    argv += ["--steps", "5", "--stop-loss", "none", "--seed", "7", "--out", str(out), "--no-progress"]
+    argv += [
+        "--lora.steps",
+        "5",
+        "--lora.stop-loss",
+        "none",
+        "--seed",
+        "7",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "reliability" in printed and "easyedit" in printed and str(out) in printed
@@ -57,7 +67,8 @@ def test_edit_runs_end_to_end_and_writes_results(tiny_model_dir, data_file, tmp_
     assert report["method"] == "lora" and report["protocol"] == "single" and report["seed"] == 7
     assert report["n_edits"] == 2 and len(report["edits"]) == 2
     assert all(row["steps"] == 5 for row in report["edits"])  # --stop-loss none: every step runs
-    assert report["config"]["method_hyperparameters"]["steps"] == 5
+    assert report["config"]["method"]["options"]["steps"] == 5
+    assert report["config"]["method"]["options"]["rank"] == 8  # resolved: the defaults are recorded too
     assert report["rollback"]["checks"] == 3
     assert report["timing"]["edit_wall_time_s_median"] > 0
     assert set(report["aggregates"]["post"]) >= {"reliability", "t_locality_easyedit", "m_generality_em"}
@@ -79,7 +90,7 @@ def test_bad_method_is_a_clear_error(tiny_model_dir, data_file, tmp_path, capsys
     )
     err = capsys.readouterr().err
     assert rc == 2
-    assert "unknown --method 'rome'" in err and "ft" in err and "lora" in err
+    assert "unknown editing method 'rome'" in err and "ftl" in err and "lora" in err
     assert not (tmp_path / "r.json").exists()
 
 
@@ -128,24 +139,56 @@ def test_unknown_model_type_is_a_clear_error(data_file, tmp_path, capsys):
     assert "'bert'" in err and "llava" in err  # names the type and lists the supported ones
 
 
-def test_hyperparameter_for_the_wrong_method_is_a_clear_error(tiny_model_dir, data_file, tmp_path, capsys):
-    rc = main(
-        [
-            "edit",
-            "--model",
-            tiny_model_dir,
-            "--data",
-            data_file,
-            "--method",
-            "ft",
-            "--rank",
-            "4",
-            "--out",
-            str(tmp_path / "r.json"),
-        ]
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--method", "ft", "--lora.rank", "4"],
+            "--lora.rank is an option of method 'lora', which --method ft does not use",
+        ),
+        (["--method", "ft", "--odedit.alpha", "5"], "--odedit.alpha is an option of method 'odedit'"),
+        (["--method", "ft", "--editor", "lora"], "--editor 'lora' applies only to a wrapper method"),
+        (["--method", "odedit+lora", "--editor", "ftl"], "already names its editor"),
+        (["--method", "lora", "--lora.rnk", "4"], "method 'lora' has no option 'rnk'"),
+        (["--method", "lora", "--rank", "4"], "unrecognized argument '--rank'"),
+        (["--method", "odedit"], "needs a base editor"),
+    ],
+)
+def test_an_option_that_does_not_apply_to_the_method_is_rejected(
+    tiny_model_dir, data_file, tmp_path, capsys, extra, message
+):
+    argv = ["edit", "--model", tiny_model_dir, "--data", data_file, "--out", str(tmp_path / "r.json"), *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_method_config_file_and_old_alias_build_the_same_method(tmp_path):
+    import argparse
+
+    from odedit_hf.cli.edit import build_method
+
+    config = tmp_path / "m.json"
+    config.write_text(json.dumps({"odedit": {"alpha": 0.3}, "lora": {"rank": 2}}))
+    args = argparse.Namespace(
+        method="odedit", editor="lora", method_config=str(config), method_options=["--lora.rank", "5"]
     )
-    assert rc == 2
-    assert "rank" in capsys.readouterr().err
+    method = build_method(args)
+    assert method.name == "odedit+lora" and method.objective == {"alpha": 0.3} and method.editor.rank == 5
+
+
+def test_methods_command_lists_every_method_with_its_options(capsys):
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    for expected in (
+        "ftl (alias: ft)",
+        "lora",
+        "odedit",
+        "--odedit.lambda-init",
+        "--lora.rank",
+        "--ftl.norm-constraint",
+    ):
+        assert expected in text
 
 
 def test_missing_model_is_a_clear_error(data_file, tmp_path, capsys):
@@ -177,10 +220,12 @@ def test_help_lists_the_flags(capsys):
         "--seed",
         "--out",
         "--trust-remote-code",
-        "--steps",
+        "--method-config",
+        "--ftl.steps",
+        "--lora.rank",
+        "--odedit.alpha",
     ):
         assert flag in text
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
 @pytest.mark.slow
@@ -202,9 +247,19 @@ def test_demo_and_edit_on_a_world_folder(micro_world, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "reliability" in printed and "m_locality" in printed
     report = json.loads(out.read_text())
-    assert report["n_edits"] == 3 and report["method"] == "ft" and report["protocol"] == "single"
+    assert report["n_edits"] == 3 and report["method"] == "ftl" and report["protocol"] == "single"
     # the world folder is also valid --data for `edit` (its VQA eval file and image roots)
     out2 = tmp_path / "edit.json"
-    argv = ["edit", "--model", micro_world.model_dir, "--data", micro_world.root, "--n", "2", "--steps", "3"]
+    argv = [
+        "edit",
+        "--model",
+        micro_world.model_dir,
+        "--data",
+        micro_world.root,
+        "--n",
+        "2",
+        "--ft.steps",
+        "3",
+    ]
     assert main([*argv, "--out", str(out2), "--no-progress"]) == 0
     assert json.loads(out2.read_text())["config"]["data"] == os.path.abspath(micro_world.root)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from odedit_hf.odedit.lambda_net import LambdaNetwork, count_sketch, lambda_network_num_parameters
-from odedit_hf.odedit.objective import dual_step
+from odedit_hf.methods.odedit.lambda_net import LambdaNetwork, count_sketch, lambda_network_num_parameters
+from odedit_hf.methods.odedit.objective import dual_step
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -53,7 +53,7 @@ def test_count_sketch_is_a_fixed_signed_bucketing_with_exact_gradient() -> None:
 
 
 def test_count_sketch_memo_matches_rehashing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from odedit_hf.odedit import lambda_net
+    from odedit_hf.methods.odedit import lambda_net
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         params = [p.detach().clone().requires_grad_(True) for p in _params()]

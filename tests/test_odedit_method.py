@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import pytest
 import torch
 
 import odedit_hf  # noqa: F401
-from odedit_hf.odedit.method import ODEditDivergedError, ODEditMethod, odedit_method
+from odedit_hf.editors.ftl import FTLMethod
+from odedit_hf.editors.lora import LoRAMethod
+from odedit_hf.methods.odedit.method import ODEditDivergedError, ODEditMethod
 
 TEXTS = [
     "what color is the cube",
@@ -72,11 +73,18 @@ def _backbone():  # noqa: ANN202
 
 
 def _editor(kind: str, steps: int = 12):  # noqa: ANN202
-    from odedit_hf.editing import FTMethod, LoRAMethod
 
     if kind == "lora":
         return LoRAMethod(steps=steps, lr=2e-2, stop_loss=None, rank=4)
-    return FTMethod(steps=steps, lr=2e-3, stop_loss=None)
+    return FTLMethod(steps=steps, lr=2e-3, stop_loss=None)
+
+
+def build_edit_batch(backbone, requests, config):  # noqa: ANN001, ANN201
+    """The environment batch ODEditMethod.edit builds for ``config``."""
+    from odedit_hf.editing.environments import build_edit_batch as build
+    from odedit_hf.methods.odedit.risks import needed_groups
+
+    return build(backbone, requests, needed_groups(config), num_rephrases=config.num_rephrases)
 
 
 def _wrap(method, backbone):  # noqa: ANN001, ANN202
@@ -100,13 +108,12 @@ def test_edit_lowers_the_reliability_risk_and_keeps_the_base(kind: str, lambda_m
     assert stats.losses[-1] < stats.losses[0]
     assert all(torch.isfinite(torch.tensor(stats.losses)))
     base.check(digest, context="after an ODEdit edit")
-    assert method.name == f"odedit+{kind}"
+    assert method.name == f"odedit+{method.editor.name}"
 
 
 def test_the_loop_uses_the_same_objective_as_the_trainer(requests) -> None:  # noqa: ANN001
     """One manual step of ODEditObjective reproduces the method's first loss."""
-    from odedit_hf.odedit.objective import ODEditObjective, build_lambda_network
-    from odedit_hf.odedit.risks import build_edit_batch
+    from odedit_hf.methods.odedit.objective import ODEditObjective, build_lambda_network
 
     backbone = _backbone()
     method = ODEditMethod(_editor("lora", steps=1), objective={"lambda_mode": "sketch"})
@@ -138,8 +145,7 @@ def test_the_loop_uses_the_same_objective_as_the_trainer(requests) -> None:  # n
     ],
 )
 def test_ablation_switches_drop_their_terms(objective, present, absent, requests) -> None:  # noqa: ANN001
-    from odedit_hf.odedit.objective import ODEditObjective
-    from odedit_hf.odedit.risks import build_edit_batch
+    from odedit_hf.methods.odedit.objective import ODEditObjective
 
     backbone = _backbone()
     method = ODEditMethod(_editor("lora"), objective=objective)
@@ -165,42 +171,24 @@ def test_ablation_switches_drop_their_terms(objective, present, absent, requests
             assert terms["loss"] == pytest.approx(float(target_nll(peft_model, backbone, plain)), rel=1e-5)
 
 
-class _PoisoningEditor:
-    """An editor whose post-step hook writes NaN into the edit parameters at step 2 (a diverging edit)."""
+class _PoisoningEditor(FTLMethod):
+    """FT-L whose own loss term turns NaN at the fourth step (a diverging edit), through the extra_loss hook."""
 
-    name = "poison"
-
-    def __init__(self, inner) -> None:  # noqa: ANN001
-        self.inner = inner
-        self.loop = inner.loop
-
-    def peft_config(self, backbone):  # noqa: ANN001, ANN201
-        return self.inner.peft_config(backbone)
-
-    def post_step(self, peft_model):  # noqa: ANN001, ANN201
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-
-        def hook(step: int) -> None:
-            if step == 2:
-                with torch.no_grad():
-                    for p in params:
-                        p.fill_(float("nan"))
-
-        return hook
+    def extra_loss(self, peft_model):  # noqa: ANN001, ANN201
+        self.calls = getattr(self, "calls", 0) + 1
+        return {"poison": torch.tensor(float("nan") if self.calls == 4 else 0.0)}
 
 
 def test_a_diverging_edit_stops_with_a_clear_error_and_restores_the_adapter(requests) -> None:  # noqa: ANN001
     backbone = _backbone()
-    method = ODEditMethod(_PoisoningEditor(_editor("ft", steps=6)))
+    method = ODEditMethod(_PoisoningEditor(steps=6, lr=2e-3, stop_loss=None))
     peft_model, base, digest = _wrap(method, backbone)
     with torch.no_grad():  # a previous edit's state, which the failed edit must give back
         for p in peft_model.parameters():
             if p.requires_grad:
                 p.fill_(0.01)
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
-    with pytest.raises(
-        ODEditDivergedError, match="loss is nan at step 3.*restored to its state before this edit"
-    ):
+    with pytest.raises(ODEditDivergedError, match="loss is nan at step 3.*poison.*the adapter was restored"):
         method.edit(peft_model, backbone, requests[:1])
     for name, param in peft_model.named_parameters():
         if name in before:
@@ -208,64 +196,70 @@ def test_a_diverging_edit_stops_with_a_clear_error_and_restores_the_adapter(requ
     base.check(digest, context="after a diverged ODEdit edit")
 
 
-def test_odedit_method_factory_splits_editor_and_objective_hyperparameters() -> None:
+def test_get_method_splits_editor_and_objective_hyperparameters() -> None:
     from odedit_hf.editing import get_method
 
-    method = odedit_method("lora", rank=2, alpha=4.0, steps=3, lambda_mode="fixed", odedit_alpha=0.5)
+    method = get_method(
+        "odedit", editor="lora", rank=2, alpha=4.0, steps=3, lambda_mode="fixed", odedit_alpha=0.5
+    )
     assert method.editor.rank == 2 and method.editor.alpha == 4.0 and method.loop.steps == 3
     assert method.objective == {"lambda_mode": "fixed", "alpha": 0.5}
     via_registry = get_method("odedit", editor="ft", steps=2, num_rephrases=2)
-    assert via_registry.editor.name == "ft" and via_registry.objective == {"num_rephrases": 2}
+    assert via_registry.editor.name == "ftl" and via_registry.objective == {"num_rephrases": 2}
+    namespaced = get_method("odedit+lora", odedit={"alpha": 0.3}, lora={"rank": 3})
+    assert namespaced.objective == {"alpha": 0.3} and namespaced.editor.rank == 3
     with pytest.raises(ValueError, match="unknown ODEdit hyperparameters"):
         ODEditMethod(method.editor, objective={"gamma": 1.0})
-    with pytest.raises(ValueError, match="cannot wrap itself"):
-        odedit_method("odedit")
+    with pytest.raises(ValueError, match="needs a base editor"):
+        get_method("odedit", editor="odedit")
+    with pytest.raises(ValueError, match="base editor and cannot wrap"):
+        get_method("lora+ftl")
 
 
-def test_cli_flags_build_the_method() -> None:
-    from odedit_hf.odedit.cli_args import add_odedit_arguments, method_from_args
+def test_generated_cli_options_build_the_method() -> None:
+    from odedit_hf.cli.options import OptionError, parse_method_options
+    from odedit_hf.editing import build_method
 
-    parser = argparse.ArgumentParser()
-    add_odedit_arguments(parser)
-    args = parser.parse_args(
+    options = parse_method_options(
+        "odedit+lora",
         [
-            "--editor",
-            "lora",
-            "--no-gen-risk",
-            "--lambda-mode",
-            "sketch",
-            "--num-rephrases",
-            "2",
-            "--odedit-alpha",
-            "0.5",
-            "--mmd-bandwidth-multipliers",
-            "1,2",
-            "--irm-environments",
-            "ood",
-        ]
-    )
-    args.method_arg = []  # normally added by the edit CLI
-    method = method_from_args(args)
-    assert method.editor.name == "lora"
+            "--odedit.gen-risk", "false",
+            "--odedit.lambda_mode", "sketch",
+            "--odedit.num-rephrases=2",
+            "--odedit.alpha", "0.5",
+            "--odedit.mmd-bandwidth-multipliers", "1,2",
+            "--odedit.irm-environments", "ood",
+            "--lora.rank", "2",
+            "--lora.stop-loss", "none",
+        ],
+    )  # fmt: skip
+    method = build_method("odedit+lora", options)
+    assert method.editor.name == "lora" and method.editor.rank == 2 and method.editor.stop_loss is None
     assert method.objective == {
         "alpha": 0.5,
         "num_rephrases": 2,
         "lambda_mode": "sketch",
-        "mmd_bandwidth_multipliers": (1.0, 2.0),
-        "irm_environments": ("ood",),
+        "mmd_bandwidth_multipliers": [1.0, 2.0],
+        "irm_environments": ["ood"],
         "gen_risk": False,
     }
-    assert args.save_adapter is None
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--lambda-mode", "dense"])
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--irm-environments", "ood,elsewhere"])
+    assert method.peft_config(_backbone()).irm_environments == ("ood",)
+    with pytest.raises(ValueError, match="lambda_mode must be one of"):
+        build_method("odedit+lora", parse_method_options("odedit+lora", ["--odedit.lambda-mode", "dense"]))
+    with pytest.raises(
+        OptionError, match="--odedit.alpha is an option of method 'odedit', which --method ftl"
+    ):
+        parse_method_options("ftl", ["--odedit.alpha", "5"])
+    with pytest.raises(OptionError, match="method 'lora' has no option 'depth'"):
+        parse_method_options("odedit+lora", ["--lora.depth", "5"])
+    with pytest.raises(OptionError, match="expected an integer"):
+        parse_method_options("lora", ["--lora.rank", "two"])
 
 
 def test_save_adapter_writes_a_standard_peft_folder(requests, tmp_path) -> None:  # noqa: ANN001
     from peft import PeftModel
 
-    from odedit_hf.odedit.cli_args import save_adapter
+    from odedit_hf.editing.saving import save_adapter
 
     backbone = _backbone()
     method = ODEditMethod(_editor("lora", steps=3))
@@ -288,23 +282,6 @@ def _edit_sample(request):  # noqa: ANN001, ANN202
     return edit_sample(request)
 
 
-def test_cli_flags_combine_with_the_edit_command_flags() -> None:
-    from odedit_hf.cli.edit import add_edit_arguments
-    from odedit_hf.odedit.cli_args import add_odedit_arguments, method_from_args
-
-    parser = argparse.ArgumentParser()
-    add_edit_arguments(parser)
-    add_odedit_arguments(parser)
-    args = parser.parse_args(
-        "--model m --data d --out o --method odedit --editor lora --rank 2 --alpha 4 --steps 3 "
-        "--method-arg lambda_mode=fixed --method-arg odedit_alpha=0.2 --odedit-beta 0.1 --save-adapter out/ad".split()
-    )
-    method = method_from_args(args)
-    assert (method.editor.rank, method.editor.alpha, method.loop.steps) == (2, 4.0, 3)
-    assert method.objective == {"lambda_mode": "fixed", "alpha": 0.2, "beta": 0.1}
-    assert args.save_adapter == "out/ad"
-
-
 @pytest.mark.parametrize("kind", ["ft", "lora"])
 def test_adapter_is_identity_until_the_first_step(kind: str, requests) -> None:  # noqa: ANN001
     backbone = _backbone()
@@ -318,8 +295,7 @@ def test_adapter_is_identity_until_the_first_step(kind: str, requests) -> None: 
 @pytest.mark.parametrize("kind", ["ft", "lora"])
 def test_step_zero_records_the_same_pre_edit_state_as_the_disabled_pass(kind: str, requests) -> None:  # noqa: ANN001
     """With an identity adapter, step 0's forward gives the very pre-edit state prepare() measures."""
-    from odedit_hf.odedit.objective import ODEditObjective
-    from odedit_hf.odedit.risks import build_edit_batch
+    from odedit_hf.methods.odedit.objective import ODEditObjective
 
     backbone = _backbone()
     method = ODEditMethod(_editor(kind))
@@ -342,7 +318,7 @@ def test_step_zero_records_the_same_pre_edit_state_as_the_disabled_pass(kind: st
 
 def test_an_adapter_that_already_edits_gets_a_separate_pre_edit_pass(requests) -> None:  # noqa: ANN001
     """Sequential editing: the adapter holds earlier edits, so step 0 is not the pre-edit model."""
-    from odedit_hf.odedit import objective as objective_module
+    from odedit_hf.methods.odedit import objective as objective_module
 
     backbone = _backbone()
     method = ODEditMethod(_editor("ft", steps=2))
@@ -365,7 +341,8 @@ def test_an_adapter_that_already_edits_gets_a_separate_pre_edit_pass(requests) -
 
 
 def test_run_groups_gathers_the_answer_rows_of_every_group(requests) -> None:  # noqa: ANN001
-    from odedit_hf.odedit.risks import answer_rows, build_edit_batch, gen_samples, run_groups
+    from odedit_hf.editing.environments import run_groups
+    from odedit_hf.methods.odedit.risks import answer_rows, gen_samples
 
     backbone = _backbone()
     method = ODEditMethod(_editor("ft"))
@@ -390,9 +367,8 @@ def test_run_groups_gathers_the_answer_rows_of_every_group(requests) -> None:  #
 
 
 def test_irm_environments_choose_the_penalty_terms(requests) -> None:  # noqa: ANN001
-    from odedit_hf.odedit import ODEditConfig
-    from odedit_hf.odedit.objective import ODEditObjective
-    from odedit_hf.odedit.risks import build_edit_batch
+    from odedit_hf.methods.odedit import ODEditConfig
+    from odedit_hf.methods.odedit.objective import ODEditObjective
 
     backbone = _backbone()
     method = ODEditMethod(_editor("ft", steps=3))

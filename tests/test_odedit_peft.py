@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import odedit_hf  # noqa: F401  (registers ODEDIT with peft)
-from odedit_hf.odedit import ODEditConfig
+from odedit_hf.methods.odedit import ODEditConfig
 
 TEXTS = ["what color is the cube", "blue", "red"]
 
@@ -34,9 +34,9 @@ def _editor_config(kind: str, backbone):  # noqa: ANN001
         from odedit_hf.editors.lora import lora_config_for
 
         return lora_config_for(backbone, rank=2)
-    from odedit_hf.editors.ft import ftl_config_for
+    from odedit_hf.editors.ftl import FTLMethod
 
-    return ftl_config_for(backbone)
+    return FTLMethod().peft_config(backbone)
 
 
 def _inputs(backbone):  # noqa: ANN001
@@ -68,11 +68,35 @@ def test_import_odedit_hf_stays_light_and_registers_when_peft_loads() -> None:
 def test_registration_is_idempotent() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    from odedit_hf.odedit.registration import register_odedit
+    from odedit_hf._registration import import_method_packages
 
-    assert register_odedit() is True
-    assert register_odedit() is True
+    first = import_method_packages()
+    assert import_method_packages() == first and "odedit_hf.methods.odedit" in first
     assert PEFT_TYPE_TO_CONFIG_MAPPING["ODEDIT"] is ODEditConfig
+
+
+@pytest.mark.parametrize(
+    "first_import",
+    [
+        "odedit_hf.editing.wrapper",
+        "odedit_hf.methods.odedit.config",
+        "odedit_hf.editors.ftl.layer",
+        "odedit_hf.cli.edit",
+    ],
+)
+def test_every_peft_type_registers_whatever_module_is_imported_first(first_import: str) -> None:
+    code = (
+        f"import importlib, odedit_hf; importlib.import_module({first_import!r})\n"
+        "import peft\n"
+        "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING\n"
+        "missing = [t for t in ('FTL', 'ODEDIT') if t not in PEFT_TYPE_TO_CONFIG_MAPPING]\n"
+        "assert not missing, missing\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -88,7 +112,7 @@ def test_config_validates_with_actionable_messages() -> None:
         ODEditConfig(editor=lora, alpha=-1)
     with pytest.raises(ValueError, match="rephrase_kinds"):
         ODEditConfig(editor=lora, rephrase_kinds=("paraphrase",))
-    with pytest.raises(ValueError, match="cannot wrap another ODEdit"):
+    with pytest.raises(ValueError, match="cannot wrap another wrapper"):
         ODEditConfig(editor=ODEditConfig(editor=lora))
     with pytest.raises(TypeError):
         ODEditConfig(editor=lora, not_a_field=1)
@@ -103,7 +127,7 @@ def test_config_dict_round_trip(kind: str, tmp_path) -> None:  # noqa: ANN001
 
         editor = LoraConfig(target_modules=["a.b", "c"], r=3, lora_alpha=6)
     else:
-        from odedit_hf.editors.ft import FTLConfig
+        from odedit_hf.editors.ftl import FTLConfig
 
         editor = FTLConfig(target_modules=["a.b", "c"])
     config = ODEditConfig(editor=editor, alpha=0.3, lambda_mode="sketch", mmd_bandwidth_multipliers=[1, 3])
@@ -257,7 +281,7 @@ class _FakeHub:
 _PUSH_SCRIPT = r"""
 import sys, torch, odedit_hf
 from peft import get_peft_model
-from odedit_hf.odedit import ODEditConfig
+from odedit_hf.methods.odedit import ODEditConfig
 from odedit_hf.editors.lora import lora_config_for
 from odedit_hf.testing import tiny_backbone
 backbone = tiny_backbone("llava", texts=["what color is the cube", "blue", "red"])

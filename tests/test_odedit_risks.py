@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from odedit_hf.odedit.penalty import irm_tv_penalty
-from odedit_hf.odedit.risks import (
+from odedit_hf.methods.odedit.penalty import irm_tv_penalty
+from odedit_hf.methods.odedit.risks import (
     answer_rows,
     gen_samples,
     generality_risk,

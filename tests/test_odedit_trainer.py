@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import odedit_hf  # noqa: F401
-from odedit_hf.odedit import ODEditConfig, ODEditTrainer, ODEditTrainingArguments
+from odedit_hf.methods.odedit import ODEditConfig, ODEditTrainer, ODEditTrainingArguments
 
 TEXTS = [
     "what color is the cube",

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from odedit_hf.data import load_mmedit
-from odedit_hf.editing import EditStats, FTMethod, LoRAMethod, RollbackError, model_inputs
+from odedit_hf.editing import EditStats, RollbackError, model_inputs
+from odedit_hf.editors.ftl import FTLMethod
+from odedit_hf.editors.lora import LoRAMethod
 from odedit_hf.evaluation import (
     build_report,
     evaluate_request,
@@ -80,7 +82,7 @@ def test_single_rolls_back_every_edit_and_returns_the_model_unchanged(backbone, 
     probe = backbone.build_batch([PromptSample("what is the capital of France?", "Paris", tiny_image(0))])
     before = _logits(backbone.model, probe)
     flags = {n: p.requires_grad for n, p in backbone.model.named_parameters()}
-    run = run_protocol("single", FTMethod(steps=15), backbone, requests_, seed=0)
+    run = run_protocol("single", FTLMethod(steps=15), backbone, requests_, seed=0)
     assert [r.case_id for r in run.results] == [0, 1, 2, 3]
     assert run.rollback_checks == len(requests_) + 1  # after every edit, and after unloading
     assert all(r.protocol == "single" and r.method == "ft" and r.final is None for r in run.results)
@@ -92,7 +94,7 @@ def test_single_rolls_back_every_edit_and_returns_the_model_unchanged(backbone, 
 
 
 @dataclass
-class CheatingFT(FTMethod):
+class CheatingFT(FTLMethod):
     """Edits the base weights in place instead of its adapter: the rollback check must catch it."""
 
     name = "cheat"
@@ -123,14 +125,14 @@ def test_sequential_scores_each_edit_after_it_and_on_the_final_model(backbone, r
 
 
 def test_batch_edits_k_requests_in_one_optimisation(backbone, requests_):
-    run = run_protocol("batch", FTMethod(steps=10), backbone, requests_, batch_size=3, seed=0)
+    run = run_protocol("batch", FTLMethod(steps=10), backbone, requests_, batch_size=3, seed=0)
     assert run.batch_size == 3 and run.rollback_checks == 2 + 1  # two batches, then the unload
     steps = [r.steps for r in run.results]
     assert steps[0] == steps[1] == steps[2]  # one optimisation for the first three
     with pytest.raises(ValueError, match="batch_size"):
-        run_protocol("batch", FTMethod(), backbone, requests_)
+        run_protocol("batch", FTLMethod(), backbone, requests_)
     with pytest.raises(ValueError, match="unknown protocol"):
-        run_protocol("parallel", FTMethod(), backbone, requests_)
+        run_protocol("parallel", FTLMethod(), backbone, requests_)
 
 
 def test_a_fresh_adapter_scores_perfect_locality_and_the_base_accuracy(backbone, requests_):
@@ -163,7 +165,7 @@ def test_a_fresh_adapter_scores_perfect_locality_and_the_base_accuracy(backbone,
 
 
 def test_report_table_and_atomic_file(backbone, requests_, tmp_path):
-    run = run_protocol("sequential", FTMethod(steps=5), backbone, requests_[:2], seed=3)
+    run = run_protocol("sequential", FTLMethod(steps=5), backbone, requests_[:2], seed=3)
     report = build_report(run, config={"note": "test"}, device="cpu")
     for key in ("reliability", "t_generality", "m_generality", "t_locality", "m_locality", "reliability_em"):
         assert key in report["aggregates"]["post"] and key in report["aggregates"]["final"]
@@ -214,11 +216,11 @@ def test_ft_single_edits_hold_on_the_micro_world(micro_world):
     requests = list(
         load_mmedit(micro_world.vqa_eval, micro_world.image_root, micro_world.rephrase_image_root, limit=8)
     )
-    run = run_protocol("single", FTMethod(), backbone, requests, seed=0)
+    run = run_protocol("single", FTLMethod(), backbone, requests, seed=0)
     from odedit_hf.evaluation import aggregate
 
     scores = aggregate(run.results)
     assert scores["reliability"] >= 0.9
     assert run.rollback_checks == len(requests) + 1
     assert all(0.0 <= scores[k] <= 1.0 for k in scores)
-    assert max(r.steps for r in run.results) <= FTMethod().steps
+    assert max(r.steps for r in run.results) <= FTLMethod().steps

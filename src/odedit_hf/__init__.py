@@ -8,9 +8,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0.dev0"
 
-# Registers the ODEDIT PEFT type (and the editors' types) with peft: at once if peft is already
+# Registers every method's PEFT type (FTL, ODEDIT, ...) with peft: at once if peft is already
 # imported, otherwise right after peft's own import, so this import stays free of torch and peft.
-from odedit_hf.odedit.registration import install_peft_import_hook as _install_peft_import_hook
+from odedit_hf._registration import install_peft_import_hook as _install_peft_import_hook
 
 _install_peft_import_hook()
 

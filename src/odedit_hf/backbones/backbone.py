@@ -321,9 +321,15 @@ class Backbone:
         n = self.num_layers()
         return self._normalize_layers([i for i in self.spec.default_edit_layers if -n <= i < n] or [-1])
 
-    def default_edit_module_names(self) -> list[str]:
-        """``ffn_module_names(default_edit_layers(), spec.default_edit_projections)``."""
-        return self.ffn_module_names(self.default_edit_layers(), self.spec.default_edit_projections)
+    def default_edit_module_names(
+        self, layers: Sequence[int] | int | None = None, projections: Sequence[str] | str | None = None
+    ) -> list[str]:
+        """The FFN modules an editor edits: ``layers`` (default :meth:`default_edit_layers`) x ``projections``
+        (default ``spec.default_edit_projections``). The one place where default edit targets are worked out."""
+        return self.ffn_module_names(
+            self.default_edit_layers() if layers is None else layers,
+            self.spec.default_edit_projections if projections is None else projections,
+        )
 
     # ------------------------------------------------------------- model outputs
     def forward(self, batch: dict[str, torch.Tensor], **kwargs: Any) -> Any:

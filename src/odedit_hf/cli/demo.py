@@ -14,9 +14,15 @@ from typing import Any
 
 from odedit_hf.cli.edit import CLIError, add_edit_arguments
 
+#: This command takes the generated ``--<method>.<option>`` arguments (see ``odedit_hf.cli.options``).
+ACCEPTS_METHOD_OPTIONS = True
+
 
 def add_parser(subparsers: Any, name: str = "demo", help: str | None = None) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(name, help=help, description=__doc__.split("\n\n")[0])
+    from odedit_hf.cli.options import add_methods_help
+
+    parser = subparsers.add_parser(name, help=help, description=__doc__.split("\n\n")[0], add_help=False)
+    add_methods_help(parser)
     parser.add_argument(
         "--preset", default="tiny", help="world preset: micro (seconds) or tiny (minutes); default tiny"
     )

@@ -2,19 +2,20 @@
 
 Example::
 
-    odedit-hf edit --model ./tiny-llava --data ./world --method ft --protocol single --n 100 --out results.json
+    odedit-hf edit --model ./tiny-llava --data ./world --method odedit+lora --lora.rank 4 --protocol single --n 100 --out results.json
 
 ``--data`` is an MMEdit JSON file (images relative to ``--image-root``, default the file's folder)
 or a folder made by ``odedit-hf world`` (its evaluation file and image roots are found in it).
-Method hyperparameters have per-method defaults; flags override them (``--steps``, ``--lr``,
-``--stop-loss``, ``--layers``, ``--projections``, ``--rank``, ``--alpha``, ``--norm-constraint``,
-and ``--method-arg KEY=VALUE`` for anything else a method takes).
+``--method`` names a base editor (``ftl``, ``lora``, ...) or a wrapper around one
+(``odedit+lora``); ``odedit-hf methods`` lists them. Every method option is generated from the
+method's config dataclass and namespaced by the method (``--odedit.alpha 0.1 --lora.rank 4``), or
+read from ``--method-config FILE.json``; an option of a method that ``--method`` does not use is an
+error that names it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -24,17 +25,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-# flags whose value goes to the method factory as a keyword, only when the user gives them
-_HYPERPARAMETER_FLAGS = (
-    "steps",
-    "lr",
-    "stop_loss",
-    "layers",
-    "projections",
-    "rank",
-    "alpha",
-    "norm_constraint",
-)
+#: This command takes the generated ``--<method>.<option>`` arguments (see ``odedit_hf.cli.options``).
+ACCEPTS_METHOD_OPTIONS = True
 
 
 class CLIError(ValueError):
@@ -49,31 +41,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated layer indices such as '-1' or '1,2', got {text!r}"
-        ) from None
-
-
-def _str_list(text: str) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return items
-
-
-def _optional_float(text: str) -> float | None:
-    if text.lower() in ("none", "off"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
 def add_edit_arguments(
@@ -108,7 +75,21 @@ def add_edit_arguments(
             help="allow model code from the checkpoint (off by default)",
         )
         parser.add_argument("--out", required=True, help="results file (JSON, written atomically)")
-    parser.add_argument("--method", default="ft", help="editing method: ft, lora, ... (default: ft)")
+    parser.add_argument(
+        "--method",
+        default="ftl",
+        help="editing method: a base editor (ftl, lora, ...) or wrapper+editor (odedit+lora); "
+        "see 'odedit-hf methods' (default: ftl)",
+    )
+    parser.add_argument(
+        "--editor",
+        help="the base editor a wrapper method wraps: '--method odedit --editor lora' is '--method odedit+lora'",
+    )
+    parser.add_argument(
+        "--method-config",
+        metavar="FILE.json",
+        help='method options as JSON, e.g. {"odedit": {"alpha": 0.1}, "lora": {"rank": 8}} (flags override)',
+    )
     parser.add_argument(
         "--protocol", default="single", choices=("single", "sequential", "batch"), help="default: single"
     )
@@ -122,44 +103,6 @@ def add_edit_arguments(
         help=f"edit the first N records (default: {n_default or 'all'})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
-    hp = parser.add_argument_group("method hyperparameters (default: the method's own)")
-    hp.add_argument(
-        "--steps", type=_positive_int, default=argparse.SUPPRESS, help="most optimiser steps per edit"
-    )
-    hp.add_argument("--lr", type=float, default=argparse.SUPPRESS, help="learning rate")
-    hp.add_argument(
-        "--stop-loss",
-        type=_optional_float,
-        default=argparse.SUPPRESS,
-        help="stop an edit once the loss is below this ('none': never early)",
-    )
-    hp.add_argument(
-        "--layers",
-        type=_int_list,
-        default=argparse.SUPPRESS,
-        help="decoder layers to edit, e.g. '-1' or '1,2' (default: the backbone's)",
-    )
-    hp.add_argument(
-        "--projections",
-        type=_str_list,
-        default=argparse.SUPPRESS,
-        help="FFN projections to edit, comma-separated, e.g. 'mlp.down_proj'",
-    )
-    hp.add_argument("--rank", type=_positive_int, default=argparse.SUPPRESS, help="LoRA rank")
-    hp.add_argument("--alpha", type=float, default=argparse.SUPPRESS, help="LoRA alpha")
-    hp.add_argument(
-        "--norm-constraint",
-        type=_optional_float,
-        default=argparse.SUPPRESS,
-        help="FT-L: clamp delta entries to [-c, c] ('none': free)",
-    )
-    hp.add_argument(
-        "--method-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other method hyperparameter (VALUE parsed as JSON when it can be)",
-    )
     run = parser.add_argument_group("runtime")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     run.add_argument(
@@ -169,57 +112,56 @@ def add_edit_arguments(
 
 
 def add_parser(subparsers: Any, name: str = "edit", help: str | None = None) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        name,
-        help=help,
-        description=__doc__.split("\n\n")[0],
-    )
+    from odedit_hf.cli.options import add_methods_help
+
+    parser = subparsers.add_parser(name, help=help, description=__doc__.split("\n\n")[0], add_help=False)
+    add_methods_help(parser)
     add_edit_arguments(parser)
-    try:  # ODEdit's own flags (a light module: argparse only)
-        from odedit_hf.odedit.cli_args import add_odedit_arguments
-    except ImportError:
-        add_odedit_arguments = None
-    if add_odedit_arguments is not None:
-        add_odedit_arguments(parser)
-    if "--save-adapter" not in parser._option_string_actions:
-        parser.add_argument(
-            "--save-adapter",
-            metavar="DIR",
-            help="save the adapter holding the last edit (sequential: all edits) to DIR",
-        )
+    parser.add_argument(
+        "--save-adapter",
+        metavar="DIR",
+        help="save the adapter holding the last edit (sequential: all edits) to DIR",
+    )
     return parser
 
 
 # --------------------------------------------------------------------------------------- pieces
-def method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The hyperparameters the user set (flags left out keep the method's defaults)."""
-    kwargs: dict[str, Any] = {
-        flag: getattr(args, flag) for flag in _HYPERPARAMETER_FLAGS if hasattr(args, flag)
-    }
-    for item in args.method_arg:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--method-arg expects KEY=VALUE, got {item!r}")
+def method_name(args: argparse.Namespace) -> str:
+    """The (composite) method name of ``--method`` and ``--editor``."""
+    name = args.method
+    editor = getattr(args, "editor", None)
+    if editor:
+        from odedit_hf.editing import method_class
+
         try:
-            kwargs[key.replace("-", "_")] = json.loads(raw)
-        except json.JSONDecodeError:
-            kwargs[key.replace("-", "_")] = raw
-    return kwargs
+            outer = method_class(name.split("+")[-1]) if "+" not in name else None
+        except ValueError as exc:
+            raise CLIError(f"--method {name!r}: {exc}") from None
+        if outer is None or outer.kind != "wrapper":
+            raise CLIError(
+                f"--editor {editor!r} applies only to a wrapper method given alone (e.g. --method odedit "
+                f"--editor lora); --method {name!r} "
+                + ("already names its editor" if "+" in name else "is a base editor")
+            )
+        name = f"{name}+{editor}"
+    return name
 
 
 def build_method(args: argparse.Namespace) -> Any:
-    """The method named by ``--method`` with the user's hyperparameters; unknown names list the known ones."""
-    from odedit_hf.editing import available_methods, get_method
+    """The method of ``--method`` / ``--editor`` with the generated options the user gave.
 
-    if args.method not in available_methods():
-        raise CLIError(f"unknown --method {args.method!r}; choose one of: {', '.join(available_methods())}")
+    Raises:
+        CLIError: unknown method, an option that does not apply to it, a bad value.
+    """
+    from odedit_hf.cli.options import OptionError, parse_method_options, read_method_config
+    from odedit_hf.editing import build_method as build
+
+    name = method_name(args)
     try:
-        if args.method == "odedit" and hasattr(args, "editor"):
-            from odedit_hf.odedit.cli_args import method_from_args
-
-            return method_from_args(args)
-        return get_method(args.method, **method_kwargs(args))
-    except ValueError as exc:
+        config = read_method_config(args.method_config) if getattr(args, "method_config", None) else None
+        options = parse_method_options(name, getattr(args, "method_options", []), config=config)
+        return build(name, options)
+    except (OptionError, ValueError) as exc:
         raise CLIError(str(exc)) from exc
 
 
@@ -367,7 +309,7 @@ def run_edits(
     if save_dir:
 
         def on_adapter(peft_model: Any) -> None:
-            from odedit_hf.odedit.cli_args import save_adapter
+            from odedit_hf.editing.saving import save_adapter
 
             print(f"adapter saved to {save_adapter(peft_model, save_dir)}", file=sys.stderr)
 
@@ -387,14 +329,6 @@ def run_edits(
     return build_report(run, config=config, device=str(model_device(backbone.model)))
 
 
-def _method_config(method: Any) -> dict[str, Any]:
-    import dataclasses
-
-    if dataclasses.is_dataclass(method):
-        return {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}
-    return {}
-
-
 # ------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> int:
     from odedit_hf.evaluation import format_table, write_json_atomic
@@ -411,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
         config = {
             "model": args.model,
             "data": os.path.abspath(args.data),
-            "method_hyperparameters": _method_config(method),
+            "method": method.resolved_config(),
             "n_requested": args.n,
             "model_load_s": load_s,
         }

@@ -21,6 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "build the embedded world (cached), edit facts, print the metric table"),
     "world": ("world", "build the embedded synthetic world and its tiny pretrained model"),
     "edit": ("edit", "edit facts with a method and measure the edits under a protocol"),
+    "methods": ("methods", "list the editing methods with their options and defaults"),
+    "models": ("models", "fetch real pretrained models (e.g. SmolLM2-135M) into the cache"),
     "bench": ("bench", "run kernel microbenchmarks"),
 }
 
@@ -46,10 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # method options (--<method>.<option> VALUE) are generated per method: the commands that take them
+    # (ACCEPTS_METHOD_OPTIONS) parse what argparse leaves over, once --method is known
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         parser.print_help()
         return 0
+    command_module = importlib.import_module(f"odedit_hf.cli.{SUBCOMMANDS[args.command][0]}")
+    if extra and not getattr(command_module, "ACCEPTS_METHOD_OPTIONS", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.method_options = extra
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     module_name = SUBCOMMANDS[args.command][0]

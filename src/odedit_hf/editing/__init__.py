@@ -1,49 +1,87 @@
-"""Editing: the :class:`EditMethod` protocol, the per-edit loop, the shared loss, rollback checks,
-and the plain editors (FT-L, LoRA) as methods.
+"""Editing: the editor contract (:class:`Editor` and its hooks), the one per-edit loop, the shared
+loss, rollback checks, method discovery (:func:`get_method`), and -- imported lazily, as they need
+peft -- the generic wrapper (:mod:`.wrapper`) and the environment batches (:mod:`.environments`).
 
-Importing this package imports neither peft's tuners nor any editor: methods are built lazily by
-name with :func:`get_method`.
+Importing this package imports neither peft's tuners nor any method: methods are folders under
+``odedit_hf/editors/`` and ``odedit_hf/methods/``, built by name with :func:`get_method`.
 """
 
 from __future__ import annotations
 
-from .loop import EditLoopConfig, run_edit_loop
-from .loss import LossFn, model_inputs, nll_from_logits, target_nll
-from .methods import (
-    FTMethod,
-    LoRAMethod,
-    available_methods,
-    get_method,
+import importlib
+from typing import Any
+
+from .editor import (
+    ConstrainedLayer,
+    Editor,
+    FFNEditor,
+    NLLObjective,
+    apply_constraints,
     model_device,
-    register_method,
     trainable_parameters,
 )
+from .loop import EditDivergedError, EditLoopConfig, StepObjective, run_edit_loop
+from .loss import LossFn, model_inputs, nll_from_logits, target_nll
 from .protocol import EditMethod, EditStats
+from .registry import available_methods, build_method, get_method, method_class, split_method_name
 from .rollback import AdapterSnapshot, BaseWeights, RollbackError, hash_tensors
 from .samples import EVAL_SAMPLE_NAMES, edit_sample, edit_samples, eval_samples
 
+_LAZY = {
+    "Wrapper": "wrapper",
+    "WrapperConfig": "wrapper",
+    "WrapperModel": "wrapper",
+    "EditBatch": "environments",
+    "GROUPS": "environments",
+    "build_edit_batch": "environments",
+    "run_groups": "environments",
+    "save_adapter": "saving",
+}
+
 __all__ = [
     "EVAL_SAMPLE_NAMES",
+    "GROUPS",
     "AdapterSnapshot",
     "BaseWeights",
+    "ConstrainedLayer",
+    "EditBatch",
+    "EditDivergedError",
     "EditLoopConfig",
     "EditMethod",
     "EditStats",
-    "FTMethod",
-    "LoRAMethod",
+    "Editor",
+    "FFNEditor",
     "LossFn",
+    "NLLObjective",
     "RollbackError",
+    "StepObjective",
+    "Wrapper",
+    "WrapperConfig",
+    "WrapperModel",
+    "apply_constraints",
     "available_methods",
+    "build_edit_batch",
+    "build_method",
     "edit_sample",
     "edit_samples",
     "eval_samples",
     "get_method",
     "hash_tensors",
+    "method_class",
     "model_device",
     "model_inputs",
     "nll_from_logits",
-    "register_method",
     "run_edit_loop",
+    "run_groups",
+    "save_adapter",
+    "split_method_name",
     "target_nll",
     "trainable_parameters",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -1,30 +1,31 @@
-"""The light per-edit optimisation loop (a Trainer's start-up would dominate a single edit).
+"""The one per-edit optimisation loop (a Trainer's start-up would dominate a single edit).
 
-A few dozen Adam steps on the active adapter's parameters with a pluggable loss; ODEdit passes its
-own loss (and a ``post_step`` hook for its dual step) and gets the same loop.
+A few dozen Adam steps on an edit's parameters with a pluggable :class:`StepObjective`: the plain
+editors pass :class:`~odedit_hf.editing.editor.NLLObjective`, ODEdit its primal-dual objective, and
+LDKE/ASAM theirs -- every method steps through :func:`run_edit_loop`. After every optimiser step the
+loop runs the objective's ``after_optimizer_step`` (ODEdit's dual step) and then the adapter layers'
+post-step constraints (:func:`~odedit_hf.editing.editor.apply_constraints`), which the Trainer path
+applies too.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from .loss import LossFn, target_nll
 from .protocol import EditStats
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from odedit_hf.backbones import Backbone
-
 logger = logging.getLogger(__name__)
 
-__all__ = ["EditLoopConfig", "run_edit_loop"]
+__all__ = ["EditDivergedError", "EditLoopConfig", "StepObjective", "run_edit_loop"]
 
 
 @dataclass
@@ -80,67 +81,109 @@ class EditLoopConfig:
             setattr(self, name, float(value))
 
 
+class EditDivergedError(ValueError):
+    """An edit's loss became NaN/inf; the adapter was restored to its state before the edit (when the
+    loop was given a snapshot)."""
+
+
+class StepObjective(Protocol):
+    """What :func:`run_edit_loop` minimises.
+
+    ``objective(step)`` runs the step's forward pass(es) and returns ``(total, stop_value, terms)``:
+    the scalar loss to back-propagate, the scalar the early stop compares with ``stop_loss`` (the
+    edit's NLL, so that every objective stops at the same reliability) and named terms for logs.
+    ``after_optimizer_step(step)`` runs right after each optimiser step (ODEdit's dual step).
+    """
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]: ...
+
+    def after_optimizer_step(self, step: int) -> None: ...
+
+
+def _describe(terms: dict[str, Any]) -> str:
+    out = {}
+    for name, value in terms.items():
+        try:
+            out[name] = round(float(value.detach() if hasattr(value, "detach") else value), 6)
+        except (TypeError, ValueError):
+            continue
+    return str(out)
+
+
 def run_edit_loop(
     model: nn.Module,
-    backbone: Backbone,
-    batch: Mapping[str, torch.Tensor],
     params: Iterable[torch.nn.Parameter],
     config: EditLoopConfig,
+    objective: StepObjective,
     *,
-    loss_fn: LossFn = target_nll,
-    post_step: Callable[[int], None] | None = None,
+    snapshot: Any | None = None,
 ) -> EditStats:
-    """Minimise ``loss_fn(model, backbone, batch)`` over ``params`` with Adam.
+    """Minimise ``objective`` over ``params`` with Adam; the loop every method shares.
 
     The model is left in the mode it was in (editing runs in eval mode: dropout would make one
     edit's outcome depend on the RNG).
 
+    Per step: ``objective(step)`` -> stop when its stop value is below ``config.stop_loss`` (or the
+    budget is spent; that last forward only measures the loss) -> backward -> optional gradient
+    clipping -> Adam step -> ``objective.after_optimizer_step(step)`` -> the adapter layers'
+    post-step constraints.
+
     Args:
-        model: the PEFT-wrapped model.
-        backbone: its backbone (passed on to ``loss_fn``).
-        batch: the edit batch from ``Backbone.build_batch``, on the model's device.
+        model: the PEFT-wrapped model (its constrained layers are found once).
         params: the parameters to train (those without ``requires_grad`` are skipped).
         config: steps, learning rate, early stop.
-        loss_fn: the loss; default :func:`~odedit_hf.editing.loss.target_nll`.
-        post_step: called with the step index after every optimiser step (e.g. FT-L's clamp, or a
-            dual ascent step).
+        objective: the :class:`StepObjective`.
+        snapshot: an adapter snapshot (``restore()``) to roll back to when the loop fails.
 
     Returns:
         :class:`EditStats` with the steps taken and the losses seen.
 
     Raises:
-        ValueError: no trainable parameter, or the loss became NaN/inf (lower the learning rate).
+        EditDivergedError: the loss became NaN/inf (lower the learning rate); the adapter is restored
+            when ``snapshot`` was given.
+        ValueError: no trainable parameter.
     """
+    from .editor import apply_constraints, constrained_layers
+
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
         raise ValueError(
             "run_edit_loop: no parameter requires grad; is the adapter active and not in inference mode?"
         )
+    layers = constrained_layers(model)
     optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
     losses: list[float] = []
     stopped_early = False
     steps = 0
-    for step in range(config.steps + 1):
-        loss = loss_fn(model, backbone, batch)
-        value = float(loss.detach())
-        losses.append(value)
-        if not math.isfinite(value):
-            raise ValueError(
-                f"run_edit_loop: the loss is {value} at step {step}; lower the learning rate (now {config.lr})"
-            )
-        if config.stop_loss is not None and value < config.stop_loss:
-            stopped_early = True
-            break
-        if step == config.steps:
-            break  # the last forward only measures the loss after the final step
+    try:
+        for step in range(config.steps + 1):
+            total, stop_value, terms = objective(step)
+            value = float(total.detach())
+            if not math.isfinite(value):
+                raise EditDivergedError(
+                    f"the edit loss is {value} at step {step} (terms: {_describe(terms)}); lower the learning "
+                    f"rate (now {config.lr})" + ("; the adapter was restored" if snapshot is not None else "")
+                )
+            losses.append(value)
+            if config.stop_loss is not None and float(stop_value.detach()) < config.stop_loss:
+                stopped_early = True
+                break
+            if step == config.steps:
+                break  # the last forward only measures the loss after the final step
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            objective.after_optimizer_step(step)
+            if layers:
+                apply_constraints(model, layers)
+            steps += 1
+    except BaseException:
+        if snapshot is not None:
+            snapshot.restore()
+        raise
+    finally:
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        steps += 1
-        if post_step is not None:
-            post_step(step)
-    optimizer.zero_grad(set_to_none=True)
     logger.debug("edit loop: %d steps, loss %.4g -> %.4g", steps, losses[0], losses[-1])
     return EditStats(steps=steps, final_loss=losses[-1], losses=losses, stopped_early=stopped_early)

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from odedit_hf.editing.methods import model_device
-from odedit_hf.editing.rollback import AdapterSnapshot, BaseWeights
+from odedit_hf.editing.editor import model_device
+from odedit_hf.editing.rollback import BaseWeights
 from odedit_hf.editing.samples import eval_samples
 
 from .metrics import (
@@ -204,7 +204,7 @@ def _measure(device: torch.device) -> Iterator[dict[str, float]]:
 class _Session:
     peft_model: Any
     base: BaseWeights
-    snapshot: AdapterSnapshot
+    snapshot: Any
     digest: str
     checks: int = 0
 
@@ -232,7 +232,7 @@ def _wrapped(method: EditMethod, backbone: Backbone, seed: int, adapter_name: st
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, method.peft_config(backbone), adapter_name=adapter_name)
-        session = _Session(peft_model, base, AdapterSnapshot(peft_model, adapter_name, base=base), digest)
+        session = _Session(peft_model, base, method.snapshot(peft_model, adapter_name, base=base), digest)
         try:
             yield session
         finally:

@@ -1,11 +1,11 @@
 """ODEdit's risks: ``R_rel`` (reliability), ``R_loc`` (locality), ``R_gen`` (generality).
 
-Plain functions on tensors (tested against hand-computed values), plus the batch plumbing that turns
-edit requests into the environments' prompts and runs them:
+Plain functions on tensors (tested against hand-computed values). The prompts of the three
+environments come from the shared environment batches (:mod:`odedit_hf.editing.environments`):
 
-- in-distribution: the edit image + ``src`` -> ``alt``                      (``R_rel``)
-- semantic neighbours: image + ``rephrase`` and ``image_rephrase`` + ``src`` -> ``alt``  (``R_gen``)
-- out-of-distribution: ``loc`` -> ``loc_ans`` and ``m_loc`` + ``m_loc_q`` -> ``m_loc_a``  (``R_loc``)
+- in-distribution: the ``edit`` group                                    (``R_rel``)
+- semantic neighbours: the ``rephrase`` and ``image_rephrase`` groups    (``R_gen``)
+- out-of-distribution: the ``loc`` and ``m_loc`` groups                  (``R_loc``)
 
 Every per-token quantity comes from :mod:`odedit_kernels` (``nll_with_omega``, ``kl_with_omega``,
 ``rbf_mmd``), which also returns the IRM ω-derivative of each row in the same pass.
@@ -29,45 +29,35 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
+
+from odedit_hf.editing.environments import GROUPS, IGNORE_INDEX, EditBatch, GroupOutput
 
 from .config import IRM_ENVIRONMENTS, REPHRASE_KINDS
 
 if TYPE_CHECKING:
-    from odedit_hf.backbones import Backbone, PromptSample
-    from odedit_hf.data import EditRequest
-
     from .config import ODEditConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ENVIRONMENTS",
-    "GROUPS",
-    "EditBatch",
-    "GroupOutput",
     "PreEditState",
     "answer_rows",
-    "build_edit_batch",
     "gen_samples",
     "generality_risk",
     "locality_risk",
     "locality_rows",
     "median_bandwidths",
+    "needed_groups",
     "reliability_risk",
     "reliability_risk_rows",
-    "run_groups",
 ]
 
-IGNORE_INDEX = -100
-
-#: Prompt groups of a step, in batch order. ``edit`` = reliability prompt; the two rephrase kinds;
-#: ``loc`` (text only) and ``m_loc``.
-GROUPS: tuple[str, ...] = ("edit", "rephrase", "image_rephrase", "loc", "m_loc")
 #: IRM environments and the groups that make each.
 ENVIRONMENTS: dict[str, tuple[str, ...]] = dict(
     zip(IRM_ENVIRONMENTS, (("edit",), REPHRASE_KINDS, ("loc", "m_loc")), strict=True)
@@ -235,60 +225,6 @@ def generality_risk(
     return torch.stack(values).mean()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Batches of environments
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EditBatch:
-    """The prompts of one step for ``k`` requests, tokenised, grouped.
-
-    Attributes:
-        batches: the model inputs (one batch, or two when the family cannot mix image and text-only
-            samples), from ``Backbone.build_batch``.
-        slices: group name -> ``(batch index, first row, end row)``.
-        owners: group name -> request index (0..k-1) of each row of the group.
-        case_ids: the requests' ``case_id`` (keys of per-request caches).
-    """
-
-    batches: list[dict[str, torch.Tensor]]
-    slices: dict[str, tuple[int, int, int]]
-    owners: dict[str, list[int]]
-    case_ids: list[int]
-
-    @property
-    def num_requests(self) -> int:
-        return len(self.case_ids)
-
-    def to(self, device: torch.device | str) -> EditBatch:
-        """A copy with every tensor on ``device``."""
-        return EditBatch(
-            batches=[{k: v.to(device) for k, v in b.items()} for b in self.batches],
-            slices=dict(self.slices),
-            owners={k: list(v) for k, v in self.owners.items()},
-            case_ids=list(self.case_ids),
-        )
-
-
-def _rephrase_texts(request: EditRequest, n: int) -> list[str]:
-    extra = tuple(getattr(request, "rephrases", ()) or ())
-    texts = list(dict.fromkeys([request.rephrase, *extra]))
-    return texts[:n]
-
-
-def _rephrase_images(request: EditRequest, n: int) -> list[Any]:
-    extra = tuple(getattr(request, "image_rephrases", ()) or ())
-    paths = list(dict.fromkeys([request.image_rephrase, *extra]))[:n]
-    if len(paths) == 1:
-        return [request.load_image("image_rephrase")]
-    from odedit_hf.data.images import load_rgb_image
-
-    return [
-        load_rgb_image(p, source=request.source, index=request.case_id, field="image_rephrase") for p in paths
-    ]
-
-
 def needed_groups(config: ODEditConfig) -> tuple[str, ...]:
     """The prompt groups a step computes under ``config`` (the penalty needs every environment)."""
     groups = ["edit"]
@@ -297,167 +233,6 @@ def needed_groups(config: ODEditConfig) -> tuple[str, ...]:
     if config.loc_risk or config.irm_penalty:
         groups += ["loc", "m_loc"]
     return tuple(g for g in GROUPS if g in groups)
-
-
-def build_edit_batch(
-    backbone: Backbone,
-    requests: Sequence[EditRequest],
-    config: ODEditConfig,
-    *,
-    device: torch.device | str | None = None,
-) -> EditBatch:
-    """Tokenise the environments' prompts of ``requests`` (the very prompts the metrics score).
-
-    Raises:
-        ValueError: no request.
-    """
-    from odedit_hf.backbones import PromptSample
-    from odedit_hf.editing import eval_samples
-
-    if len(requests) == 0:
-        raise ValueError("build_edit_batch: no requests given; an edit needs at least one EditRequest")
-    groups = needed_groups(config)
-    samples: dict[str, list[PromptSample]] = {g: [] for g in groups}
-    owners: dict[str, list[int]] = {g: [] for g in groups}
-    short = 0
-    for i, request in enumerate(requests):
-        base = eval_samples(request)
-        samples["edit"].append(base["reliability"])
-        owners["edit"].append(i)
-        if "rephrase" in samples:
-            texts = _rephrase_texts(request, config.num_rephrases)
-            short += config.num_rephrases - len(texts)
-            image = base["t_generality"].image
-            for text in texts:
-                samples["rephrase"].append(
-                    PromptSample(prompt=text, target=request.alt, image=image, task=request.task)
-                )
-                owners["rephrase"].append(i)
-        if "image_rephrase" in samples:
-            images = _rephrase_images(request, config.num_rephrases)
-            short += config.num_rephrases - len(images)
-            for image in images:
-                samples["image_rephrase"].append(
-                    PromptSample(prompt=request.src, target=request.alt, image=image, task=request.task)
-                )
-                owners["image_rephrase"].append(i)
-        if "loc" in samples:
-            samples["loc"].append(base["t_locality"])
-            owners["loc"].append(i)
-            samples["m_loc"].append(base["m_locality"])
-            owners["m_loc"].append(i)
-    if short:
-        logger.info(
-            "ODEdit: num_rephrases=%d but the requests carry fewer rephrases; %d missing, using those present",
-            config.num_rephrases,
-            short,
-        )
-    # one forward for everything when the family can mix image and text-only samples
-    if backbone.spec.mixed_batches:
-        parts = [list(groups)]
-    else:
-        with_image = [g for g in groups if samples[g][0].image is not None]
-        parts = [p for p in (with_image, [g for g in groups if g not in with_image]) if p]
-    batches, slices = [], {}
-    for b, part in enumerate(parts):
-        flat: list[PromptSample] = []
-        for g in part:
-            slices[g] = (b, len(flat), len(flat) + len(samples[g]))
-            flat.extend(samples[g])
-        batches.append(backbone.build_batch(flat, device=device))
-    return EditBatch(
-        batches=batches, slices=slices, owners=owners, case_ids=[int(r.case_id) for r in requests]
-    )
-
-
-@dataclass
-class GroupOutput:
-    """One group's rows of a forward pass (views into the batch outputs).
-
-    ``answer_logits`` / ``answer_targets`` / ``answer_hidden`` hold only the positions that predict
-    target tokens, gathered once per forward pass for the whole batch (row-major; ``answer_counts[i]``
-    of them belong to the group's row ``i``): the risks read these, so the backward pass scatters one
-    compact gradient into the batch logits instead of one full-size gradient per group and risk.
-    """
-
-    logits: torch.Tensor  # (r, T, V)
-    labels: torch.Tensor  # (r, T)
-    attention_mask: torch.Tensor  # (r, T)
-    image_mask: torch.Tensor | None  # (r, T)
-    hidden: torch.Tensor | None  # (r, T, H)
-    answer_logits: torch.Tensor  # (N, V)
-    answer_targets: torch.Tensor  # (N,)
-    answer_counts: list[int]  # r entries summing to N
-    answer_hidden: torch.Tensor | None  # (N, H), with ``hidden``
-
-    def answer_hidden_per_row(self, mode: str) -> list[torch.Tensor]:
-        """:func:`gen_samples` from the gathered rows: ``[(n_i, H)]`` per row of the group."""
-        if self.answer_hidden is None:
-            raise ValueError("GroupOutput: no hidden states were requested for this group")
-        if mode not in ("answer", "last_prompt"):
-            raise ValueError(f"gen_samples: mode must be 'answer' or 'last_prompt', got {mode!r}")
-        parts = list(torch.split(self.answer_hidden, self.answer_counts))
-        return [p[:1] for p in parts] if mode == "last_prompt" else parts
-
-    def answer_logits_per_row(self) -> list[torch.Tensor]:
-        """The answer logits rows of each row of the group: ``[(n_i, V)]``."""
-        return list(torch.split(self.answer_logits, self.answer_counts))
-
-
-ForwardFn = Callable[..., Any]
-
-
-def run_groups(
-    forward: ForwardFn,
-    backbone: Backbone,
-    edit_batch: EditBatch,
-    *,
-    hidden_groups: Sequence[str] = (),
-) -> dict[str, GroupOutput]:
-    """Run ``forward(batch, **kwargs)`` on each batch of ``edit_batch`` and split the outputs by group.
-
-    ``hidden_groups`` names the groups whose last-layer hidden states are needed (the model is then
-    called with ``output_hidden_states=True``).
-    """
-    out: dict[str, GroupOutput] = {}
-    for b, batch in enumerate(edit_batch.batches):
-        groups = [g for g, (bi, _, _) in edit_batch.slices.items() if bi == b]
-        want_hidden = any(g in hidden_groups for g in groups)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        outputs = forward(inputs, output_hidden_states=True) if want_hidden else forward(inputs)
-        logits = outputs.logits
-        hidden = backbone.last_hidden_states(outputs) if want_hidden else None
-        image_mask = backbone.image_token_mask(batch)
-        # one gather of every answer position of the batch (row-major, so each group's rows are contiguous)
-        shifted = batch["labels"][:, 1:]
-        mask = shifted != IGNORE_INDEX
-        counts = mask.sum(dim=1).tolist()
-        if any(c == 0 for c in counts):
-            raise ValueError(
-                "run_groups: a prompt has no labelled target token; build it with Backbone.build_batch"
-            )
-        answer_logits = logits[:, :-1][mask]
-        answer_targets = shifted[mask]
-        answer_hidden = hidden[:, :-1][mask] if hidden is not None else None
-        offsets = [0]
-        for c in counts:
-            offsets.append(offsets[-1] + c)
-        for g in groups:
-            _, start, stop = edit_batch.slices[g]
-            lo, hi = offsets[start], offsets[stop]
-            with_hidden = hidden is not None and g in hidden_groups
-            out[g] = GroupOutput(
-                logits=logits[start:stop],
-                labels=batch["labels"][start:stop],
-                attention_mask=batch["attention_mask"][start:stop],
-                image_mask=image_mask[start:stop],
-                hidden=hidden[start:stop] if with_hidden else None,
-                answer_logits=answer_logits[lo:hi],
-                answer_targets=answer_targets[lo:hi],
-                answer_hidden=answer_hidden[lo:hi] if with_hidden else None,
-                answer_counts=counts[start:stop],
-            )
-    return out
 
 
 @dataclass

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from odedit_hf.editing.editor import ConstrainedLayer
+
 from .config import FTLConfig
 
 logger = logging.getLogger(__name__)
@@ -17,7 +19,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["FTLLayer", "Linear"]
 
 
-class FTLLayer(BaseTunerLayer):
+class FTLLayer(BaseTunerLayer, ConstrainedLayer):
     """Adapter state of FT-L on one layer: a delta per adapter name, the same shape as the base weight.
 
     ``ftl_delta[name]`` is the trainable ``(out_features, in_features)`` delta; ``ftl_norm_constraint[name]``
@@ -70,8 +72,9 @@ class FTLLayer(BaseTunerLayer):
             nn.init.normal_(self.ftl_delta[adapter_name], mean=0.0, std=1e-3)
 
     @torch.no_grad()
-    def apply_norm_constraint(self, adapter_name: str) -> None:
-        """Clamp the delta of ``adapter_name`` to ``[-c, c]`` if its config set ``norm_constraint=c``."""
+    def apply_constraint(self, adapter_name: str) -> None:
+        """Clamp the delta of ``adapter_name`` to ``[-c, c]`` if its config set ``norm_constraint=c``
+        (run after every optimiser step, by the per-edit loop and the Trainer path alike)."""
         bound = self.ftl_norm_constraint.get(adapter_name)
         if bound is not None and adapter_name in self.ftl_delta:
             self.ftl_delta[adapter_name].clamp_(-bound, bound)

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from odedit_hf.editing.environments import EditBatch, ForwardFn, run_groups
+
 from .penalty import irm_tv_penalty
 from .risks import (
     ENVIRONMENTS,
-    EditBatch,
-    ForwardFn,
     PreEditState,
     gen_pairs,
     generality_risk,
@@ -26,7 +26,6 @@ from .risks import (
     locality_rows,
     median_bandwidths,
     reliability_risk_rows,
-    run_groups,
 )
 
 if TYPE_CHECKING:
@@ -69,7 +68,7 @@ class LossTerms:
 
 
 class ODEditObjective:
-    """Computes :class:`LossTerms` for an :class:`~odedit_hf.odedit.risks.EditBatch`.
+    """Computes :class:`LossTerms` for an :class:`~odedit_hf.editing.environments.EditBatch`.
 
     Args:
         config: the ODEdit config (risk switches, weights, positions, bandwidths, backend).

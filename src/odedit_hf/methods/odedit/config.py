@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import logging
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
-from peft.config import PeftConfig
-
-from .registration import ODEDIT, extend_peft_type, import_editor_packages, register_odedit
+from odedit_hf.editing.peft_types import extend_peft_type
+from odedit_hf.editing.wrapper import WrapperConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,41 +28,8 @@ REPHRASE_KINDS: tuple[str, ...] = ("rephrase", "image_rephrase")
 KERNEL_BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 
 
-def _editor_config_from_dict(data: dict[str, Any]) -> PeftConfig:
-    """Rebuild a nested editor config saved by :meth:`ODEditConfig.to_dict`."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    peft_type = data.get("peft_type")
-    if peft_type is None:
-        raise ValueError(
-            "ODEditConfig.editor: the nested editor config has no 'peft_type'; pass a PeftConfig instance "
-            "(e.g. LoraConfig(...) or FTLConfig(...)) or a dict saved by ODEditConfig.to_dict()"
-        )
-    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        import_editor_packages()  # editor packages register their PEFT types when imported
-    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        raise ValueError(
-            f"ODEditConfig.editor: PEFT type {peft_type!r} of the nested editor is not registered with peft; "
-            "import the package that defines it before loading this adapter"
-        )
-    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
-    kwargs = dict(data)
-    return config_cls.from_peft_type(**kwargs)
-
-
-def _jsonable(value: Any) -> Any:
-    """Sets become sorted lists (peft's own save only converts top-level sets), recursively."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (set, frozenset)):
-        return sorted(_jsonable(v) for v in value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 @dataclass
-class ODEditConfig(PeftConfig):
+class ODEditConfig(WrapperConfig):
     """Configuration of ODEdit: the objective wrapped around a base editor's trainable parameters.
 
     The base editor (``editor``) decides which parameters an edit trains and how they act in the
@@ -152,7 +116,6 @@ class ODEditConfig(PeftConfig):
             Backend of the fused kernels (`"auto"`, `"triton"`, `"torch"`).
     """
 
-    editor: Any = field(default=None, metadata={"help": "The nested editor config (PeftConfig)."})
     alpha: float = field(default=0.1, metadata={"help": "Weight of R_loc."})
     beta: float = field(default=0.1, metadata={"help": "Weight of R_gen."})
     loc_risk: bool = field(default=True, metadata={"help": "Compute R_loc."})
@@ -183,28 +146,8 @@ class ODEditConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = extend_peft_type(ODEDIT)
+        self.peft_type = extend_peft_type("ODEDIT")
         where = "ODEditConfig"
-        if self.editor is None:
-            raise ValueError(
-                f"{where}: `editor` is required: pass the config of the editor ODEdit wraps, e.g. "
-                "ODEditConfig(editor=LoraConfig(target_modules=[...]))"
-            )
-        if isinstance(self.editor, dict):
-            self.editor = _editor_config_from_dict(self.editor)
-        if not isinstance(self.editor, PeftConfig):
-            raise ValueError(
-                f"{where}.editor must be a PeftConfig (or its dict), got {type(self.editor).__name__}"
-            )
-        if self.editor.is_prompt_learning:
-            raise ValueError(
-                f"{where}.editor: prompt-learning methods ({self.editor.peft_type}) have no edit parameters inside "
-                "the model; wrap a tuner such as LoRA or FT-L"
-            )
-        if self.editor.peft_type == ODEDIT:
-            raise ValueError(f"{where}.editor: ODEdit cannot wrap another ODEdit config")
-        # the editor follows the wrapper in these bookkeeping fields
-        self.editor.task_type = self.task_type
         for name in ("alpha", "beta", "lambda_init", "lambda_lr"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -261,20 +204,3 @@ class ODEditConfig(PeftConfig):
                 raise ValueError(
                     f"{where}.lambda_max={self.lambda_max} is below lambda_init={self.lambda_init}; raise it or unset it"
                 )
-
-    @property
-    def editor_peft_type(self) -> str:
-        """The PEFT type of the wrapped editor (e.g. ``"LORA"``, ``"FTL"``)."""
-        return str(
-            self.editor.peft_type.value if hasattr(self.editor.peft_type, "value") else self.editor.peft_type
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: the nested editor config as its own ``to_dict()`` (sets as sorted lists)."""
-        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "editor"}
-        out["editor"] = _jsonable(self.editor.to_dict())
-        return _jsonable(out)
-
-
-# Registration at import, as peft's own tuners do (see registration.py for why it is called here too).
-register_odedit()

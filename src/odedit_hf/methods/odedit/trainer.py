@@ -3,7 +3,7 @@
 The Trainer runs the primal step (its optimiser on the edit parameters, with its scheduler,
 gradient accumulation, clipping, mixed precision and multi-GPU through accelerate);
 :meth:`ODEditTrainer.compute_loss` is the very objective of the per-edit loop
-(:class:`~odedit_hf.odedit.objective.ODEditObjective`); the dual step (gradient ascent on the
+(:class:`~odedit_hf.methods.odedit.objective.ODEditObjective`); the dual step (gradient ascent on the
 λ-network, its own Adam with ``maximize=True``) runs right after each primal optimiser step, from a
 callback, with the λ-network's gradients averaged across processes.
 
@@ -22,9 +22,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from odedit_hf.editing.editor import apply_constraints, constrained_layers
+from odedit_hf.editing.environments import EditBatch, build_edit_batch
+
 from .config import ODEditConfig
 from .objective import ODEditObjective, build_lambda_network, dual_step
-from .risks import EditBatch, build_edit_batch
+from .risks import needed_groups
 
 if TYPE_CHECKING:
     from odedit_hf.backbones import Backbone
@@ -86,7 +89,14 @@ class ODEditCollator:
         self.config = config
 
     def __call__(self, requests: Sequence[EditRequest]) -> dict[str, EditBatch]:
-        return {"edit_batch": build_edit_batch(self.backbone, list(requests), self.config)}
+        return {
+            "edit_batch": build_edit_batch(
+                self.backbone,
+                list(requests),
+                needed_groups(self.config),
+                num_rephrases=self.config.num_rephrases,
+            )
+        }
 
 
 class _DualStepCallback(TrainerCallback):
@@ -95,6 +105,18 @@ class _DualStepCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback API
         self.trainer.dual_step()
+
+
+class _ConstraintCallback(TrainerCallback):
+    """The adapter layers' post-step constraints (e.g. FT-L's norm clamp), after every optimiser step,
+    exactly as the per-edit loop applies them."""
+
+    def __init__(self, model: Any) -> None:
+        self.layers = constrained_layers(model)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001 - TrainerCallback API
+        if self.layers:
+            apply_constraints(None, self.layers)
 
 
 class ODEditTrainer(Trainer):
@@ -158,6 +180,7 @@ class ODEditTrainer(Trainer):
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
         self.add_callback(_DualStepCallback(self))
+        self.add_callback(_ConstraintCallback(model))
 
     # ------------------------------------------------------------------ forward helpers
     def _forward_fn(self, model: Any):
