@@ -236,7 +236,14 @@ def main(argv: list[str] | None = None) -> int:
             spec.protocol, method, backbone, requests[: spec.n], seed=args.seed, batch_size=spec.batch_size
         )
         report = build_report(
-            run, config={"model": model_dir, "data": data_file, "run": spec.label}, device=device
+            run,
+            config={
+                "model": model_dir,
+                "data": data_file,
+                "run": spec.label,
+                "method": method.resolved_config(),
+            },
+            device=device,
         )
         write_json_atomic(os.path.join(args.out_dir, spec.label.replace(":", "_") + ".json"), report)
         rows.append(row_of(spec, report))

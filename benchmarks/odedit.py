@@ -103,6 +103,7 @@ def run_quality(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "n": len(requests),
                 "objective": args.objective if name.startswith("odedit+") else {},
                 "editor_args": args.editor_args,
+                "method_config": method.resolved_config(),
                 "scores": agg,
                 "time_per_edit_s": statistics.mean(r.wall_time_s for r in run.results),
                 "peak_memory_mb": max(r.peak_memory_mb for r in run.results),
@@ -299,8 +300,6 @@ def run_interleaved(args: argparse.Namespace) -> None:
     import torch
     from peft import get_peft_model
 
-    from odedit_hf.editing import AdapterSnapshot
-
     make_backbone, requests = _world(args)
     requests = requests[: args.n]
     setups = {}
@@ -310,15 +309,14 @@ def run_interleaved(args: argparse.Namespace) -> None:
         backbone = make_backbone()
         backbone.model.eval()
         model = get_peft_model(backbone.model, method.peft_config(backbone))
-        snapshot = AdapterSnapshot(model, model.active_adapter)
+        snapshot = method.snapshot(model, model.active_adapter)
         snapshot.restore()
         method.edit(model, backbone, requests[:1])  # warm-up
         setups[name] = (method, backbone, model, snapshot)
     phases: dict[tuple[str, str], float] = collections.defaultdict(float)
     current: list[Any] = [None, False]  # the method editing now; whether a timed phase is running
     if args.phases:
-        import odedit_hf.editing.methods as editing_methods
-
+        import odedit_hf.editing.editor as editing_methods
         import odedit_hf.methods.odedit.lambda_net as lambda_net
         import odedit_hf.methods.odedit.objective as objective_module
         from odedit_hf.backbones import Backbone
@@ -340,7 +338,7 @@ def run_interleaved(args: argparse.Namespace) -> None:
 
             setattr(owner, attr, wrapper)
 
-        timed(objective_module, "run_groups", "forward")
+        timed(objective_module, "run_groups", "forward")  # imported into the objective module
         timed(editing_methods, "target_nll", "forward")
         timed(Backbone, "build_batch", "build the batch (tokenise, load images)")
         timed(torch.Tensor, "backward", "backward")

@@ -2,7 +2,8 @@
 # Create a virtual environment and install odedit-hf (editable) with its dev extras.
 # Where no NVIDIA GPU is present, a CPU build of torch is installed first so pip does not pull
 # several GB of CUDA wheels: from a local wheel folder if one exists (ODEDIT_TORCH_WHEELS, default
-# /opt/wheels), else from the PyTorch CPU index.
+# /opt/wheels), else from the index pip is configured with, plus ODEDIT_TORCH_INDEX_URL when set (e.g. a
+# CPU-only torch wheel index). No index is named here: pip's own configuration chooses it.
 set -euo pipefail
 PY=${1:-python3}
 VENV=${2:-.venv}
@@ -22,9 +23,13 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     elif ls "$WHEELS"/torch-"${TORCH_VERSION}"*cpu*.whl >/dev/null 2>&1; then
         echo "[bootstrap] no GPU: installing CPU torch ${TORCH_VERSION} from $WHEELS"
         "${PIP[@]}" --find-links "$WHEELS" "torch==${TORCH_VERSION}"
+    elif [ -n "${ODEDIT_TORCH_INDEX_URL:-}" ]; then
+        echo "[bootstrap] no GPU: installing torch ${TORCH_VERSION} with the extra index ODEDIT_TORCH_INDEX_URL"
+        "${PIP[@]}" --extra-index-url "$ODEDIT_TORCH_INDEX_URL" "torch==${TORCH_VERSION}"
     else
-        echo "[bootstrap] no GPU: installing CPU torch from the PyTorch CPU index"
-        "${PIP[@]}" --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple torch
+        echo "[bootstrap] no GPU: installing torch ${TORCH_VERSION} from pip's configured index" \
+            "(set ODEDIT_TORCH_INDEX_URL to a CPU wheel index to avoid the CUDA build)"
+        "${PIP[@]}" "torch==${TORCH_VERSION}"
     fi
 fi
 echo "[bootstrap] installing odedit-hf (editable) with dev extras"

@@ -41,6 +41,7 @@ TEXTS = [
     "paris",
     "cat",
     "green",
+    "which shape is shown",
 ]
 
 
@@ -97,7 +98,7 @@ def requests(tmp_path_factory):  # noqa: ANN001
         case_id=0, src="what color is the cube", alt="blue", image=paths[0], image_rephrase=paths[1], **common
     )
     second = EditRequest(
-        case_id=1, src="what animal is this", alt="green", image=paths[2], image_rephrase=paths[0], **common
+        case_id=1, src="which shape is shown", alt="green", image=paths[2], image_rephrase=paths[0], **common
     )
     return first, second
 

@@ -128,6 +128,9 @@ class ODEditTrainer(Trainer):
         args: :class:`ODEditTrainingArguments`.
         train_dataset: the edit requests (``EditRequest``); a batch of them is one batch edit.
         backbone: the model's :class:`~odedit_hf.backbones.Backbone`.
+        editor: the wrapped editor method (optional): its own loss terms
+            (:meth:`~odedit_hf.editing.Editor.extra_loss`) are added to every step's loss, as in the
+            per-edit loop. The adapter layers' post-step constraints are applied either way.
         **kwargs: passed to ``transformers.Trainer`` (``callbacks``, ``optimizers``, ...); not
             ``data_collator`` (ODEdit builds its own batches).
     """
@@ -138,6 +141,7 @@ class ODEditTrainer(Trainer):
         args: ODEditTrainingArguments,
         train_dataset: Sequence[EditRequest],
         backbone: Backbone,
+        editor: Any | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(args, ODEditTrainingArguments):
@@ -155,6 +159,7 @@ class ODEditTrainer(Trainer):
         if len(train_dataset) == 0:
             raise ValueError("ODEditTrainer: train_dataset holds no edit request")
         self.backbone = backbone
+        self.editor = editor
         self.odedit_config = peft_config
         super().__init__(
             model=model,
@@ -214,6 +219,9 @@ class ODEditTrainer(Trainer):
                 unwrapped.train(was_training)
         lam = self.lambda_net(self._edit_params) if self.odedit_config.irm_penalty else None
         terms = self.objective(self._forward_fn(model), edit_batch, lam)
+        if self.editor is not None:
+            for value in self.editor.extra_loss(unwrapped).values():
+                terms.total = terms.total + value
         for name, value in terms.as_floats().items():
             self._term_sums[name] = self._term_sums.get(name, 0.0) + value
         self._term_count += 1
