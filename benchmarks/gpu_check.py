@@ -561,6 +561,9 @@ def cost_ratio_part(budget_s: float, ctx: dict[str, Any]) -> dict[str, Any]:
         {"label": "odedit+ft (torch kernels)", "name": "odedit+ft", "kwargs": {"kernel_backend": "torch"}}
     )
     cfg = {**spec, "device": "cuda" if on_gpu else "cpu", "methods": methods}
+    # the dry run also checks that the fallback LLaVA builder (for transformers releases without the PIL
+    # CLIP image processor tiny_backbone uses) gives the very model and batches of tiny_backbone
+    cfg["check_fallback"] = not on_gpu
     return _run_worker("cost_ratio", cfg, budget_s, ctx)
 
 
@@ -700,6 +703,10 @@ def _cost_md(part: dict[str, Any]) -> list[str]:
         lines += [f"- **{k}**: {v:.2f}x (median time per edit)" for k, v in part["ratios"].items()]
     for note in part.get("notes", []):
         lines.append(f"- {note}")
+    for label, err in part.get("errors", {}).items():
+        lines.append(f"- error: {label}: {err[:300]}")
+    if "fallback_check" in part:
+        lines.append(f"- fallback LLaVA builder vs tiny_backbone: {part['fallback_check']}")
     return lines
 
 

@@ -597,6 +597,22 @@ def _build_backbone(cfg: dict[str, Any], notes: list[str]) -> tuple[Any, str]:
         return _llava_fallback(cfg["text_config"], seed=0), "fallback (transformers.CLIPImageProcessor)"
 
 
+def _check_fallback(base: Any, cfg: dict[str, Any], requests: list[Any]) -> dict[str, Any]:
+    """Whether :func:`_llava_fallback` builds the very model and batches of ``tiny_backbone`` (dry run)."""
+    import torch
+
+    from odedit_hf.editing import edit_samples
+
+    other = _llava_fallback(cfg["text_config"], seed=0)
+    got, want = (b.build_batch(edit_samples(requests)) for b in (other, base))
+    same_batch = set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    mine, theirs = list(other.model.named_parameters()), list(base.model.named_parameters())
+    same_params = len(mine) == len(theirs) and all(
+        na == nb and torch.equal(a, b) for (na, a), (nb, b) in zip(mine, theirs)
+    )
+    return {"identical_batches": same_batch, "identical_parameters": same_params}
+
+
 def _method(spec: dict[str, Any], steps: int) -> Any:
     from odedit_hf.editing import get_method
 
@@ -659,6 +675,7 @@ def run_cost_ratio(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         "rounds_done": 0,
         "rows": [],
         "ratios": {},
+        "errors": {},
     }
     if device.type == "cpu":
         result["notes"].append(
@@ -669,6 +686,8 @@ def run_cost_ratio(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         requests = _requests(tmp, cfg["n_requests"])
         t0 = time.perf_counter()
         base, builder = _build_backbone(cfg, result["notes"])
+        if cfg.get("check_fallback"):
+            result["fallback_check"] = _check_fallback(base, cfg, requests)
         base.model.to(device=device, dtype=dtype)
         result["model"] = {
             "builder": builder,
@@ -688,15 +707,20 @@ def run_cost_ratio(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
                 continue
             print(f"[cost_ratio] set up {label}", flush=True)
             start = time.perf_counter()
-            method = _method(spec, cfg["steps"])
-            backbone = Backbone(copy.deepcopy(base.model), base.processor)
-            model = get_peft_model(backbone.model, method.peft_config(backbone))
-            snapshot = AdapterSnapshot(model, model.active_adapter)
-            _sync(device)
-            warm = time.perf_counter()
-            method.edit(model, backbone, requests[:1])  # warm-up: Triton JIT / allocator / cuBLAS set-up
-            _sync(device)
-            snapshot.restore()
+            try:
+                method = _method(spec, cfg["steps"])
+                backbone = Backbone(copy.deepcopy(base.model), base.processor)
+                model = get_peft_model(backbone.model, method.peft_config(backbone))
+                snapshot = AdapterSnapshot(model, model.active_adapter)
+                _sync(device)
+                warm = time.perf_counter()
+                method.edit(model, backbone, requests[:1])  # warm-up: Triton JIT, allocator, cuBLAS set-up
+                _sync(device)
+                snapshot.restore()
+            except Exception as err:  # noqa: BLE001 - recorded; the other methods still run
+                result["errors"][label] = f"set-up: {type(err).__name__}: {err}"[:2000]
+                print(traceback.format_exc(), file=sys.stderr, flush=True)
+                continue
             result["setup"][label] = {
                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "warmup_edit_s": time.perf_counter() - warm,
@@ -711,14 +735,20 @@ def run_cost_ratio(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
                 if time.time() > cfg["deadline"]:
                     stop = True
                     break
-                for label, (method, backbone, model, snapshot) in setups.items():
+                for label, (method, backbone, model, snapshot) in list(setups.items()):
                     snapshot.restore()
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
                         before = torch.cuda.memory_allocated(device)
                     _sync(device)
                     start = time.perf_counter()
-                    stats = method.edit(model, backbone, [request])
+                    try:
+                        stats = method.edit(model, backbone, [request])
+                    except Exception as err:  # noqa: BLE001 - e.g. a diverged edit: drop the method
+                        result["errors"][label] = f"edit: {type(err).__name__}: {err}"[:2000]
+                        print(traceback.format_exc(), file=sys.stderr, flush=True)
+                        del setups[label]
+                        continue
                     _sync(device)
                     result["times_s"][label].append(time.perf_counter() - start)
                     result["steps"][label].append(stats.steps)
@@ -741,6 +771,9 @@ def run_cost_ratio(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     if unequal:
         result["status"] = "fail"
         result["reason"] = f"methods did not take the {cfg['steps']} equal steps: {unequal}"
+    elif result["errors"]:
+        result["status"] = "error"
+        result["reason"] = "; ".join(f"{k}: {v[:300]}" for k, v in result["errors"].items())
     elif not expected <= set(result["ratios"]):
         result["status"] = "partial"
         result["reason"] = "time budget spent before every method was timed: missing " + ", ".join(
