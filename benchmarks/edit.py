@@ -2,7 +2,9 @@
 
 Prints one table headed by device, versions and commit — method | protocol | T | rel | T-gen | M-gen |
 T-loc ans/ee | M-loc ans/ee | edit s p50 (p20–p80) | peak MB | rollback checks — and writes the rows
-as JSON and CSV, plus each run's full results file.
+as JSON and CSV, plus each run's full results file. When the data carries the optional probes (the
+embedded world from version 4 does), a second table gives them per run: portability acc/EM, hard-negative
+T-loc and M-loc ans/ee, knowledge-unit generality/consistency (``—`` where the data has no such probe).
 
 Examples::
 
@@ -42,6 +44,14 @@ COLUMNS = (
     "t_locality_easyedit",
     "m_locality",
     "m_locality_easyedit",
+    "portability",
+    "portability_em",
+    "hard_t_locality",
+    "hard_t_locality_easyedit",
+    "hard_m_locality",
+    "hard_m_locality_easyedit",
+    "unit_generality",
+    "unit_consistency",
     "edit_s_p50",
     "edit_s_p20",
     "edit_s_p80",
@@ -49,6 +59,10 @@ COLUMNS = (
     "rollback_checks",
     "run_s",
 )
+
+
+#: The optional probe columns (absent, ``None``, where the data has no such probe).
+PROBE_COLUMNS = COLUMNS[COLUMNS.index("portability") : COLUMNS.index("unit_consistency") + 1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +130,7 @@ def row_of(spec: RunSpec, report: dict[str, Any]) -> dict[str, Any]:
         "protocol": spec.protocol + (f"(k={spec.batch_size})" if spec.protocol == "batch" else ""),
         "n": report["n_edits"],
         **{k: scores[k] for k in COLUMNS[3:10]},
+        **{k: scores.get(k) for k in PROBE_COLUMNS},  # None: the data has no such probe
         "edit_s_p50": statistics.median(times),
         "edit_s_p20": q[1],
         "edit_s_p80": q[7],
@@ -163,10 +178,41 @@ def format_rows(env: dict[str, str], rows: list[dict[str, Any]]) -> str:
                 f"{r['rollback_checks']} ok",
             ]
         )
-    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    lines = _layout(table)
+    if any(r[k] is not None for r in rows for k in PROBE_COLUMNS):
+
+        def pair(r: dict[str, Any], a: str, b: str) -> str:
+            return "—" if r[a] is None else f"{r[a]:.3f}/{r[b]:.3f}"
+
+        probes = [
+            ["method", "protocol", "n", "Port acc/EM", "hT-loc ans/ee", "hM-loc ans/ee", "unit gen/cons"]
+        ]
+        for r in rows:
+            probes.append(
+                [
+                    r["method"],
+                    r["protocol"],
+                    str(r["n"]),
+                    pair(r, "portability", "portability_em"),
+                    pair(r, "hard_t_locality", "hard_t_locality_easyedit"),
+                    pair(r, "hard_m_locality", "hard_m_locality_easyedit"),
+                    pair(r, "unit_generality", "unit_consistency"),
+                ]
+            )
+        lines += [
+            "",
+            "# probes: portability = the edit's consequences (by name, one hop); hT/hM-loc = a look-alike "
+            "entity; unit = all rephrases and renderings (mean acc / all exactly right)",
+            *_layout(probes),
+        ]
+    return "\n".join(head + lines)
+
+
+def _layout(table: list[list[str]]) -> list[str]:
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in table]
     lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(head + lines)
+    return lines
 
 
 def resolve_inputs(args: argparse.Namespace) -> tuple[str, str, str, str | None]:

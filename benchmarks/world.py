@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from odedit_hf.cli.world import format_table
     from odedit_hf.data.world import WORLD_VERSION, build_world, export_world, generate_world
+    from odedit_hf.data.world.spec import CONTENT_VERSION
 
     with tempfile.TemporaryDirectory(prefix="odedit-hf-world-bench-") as tmp:
         start = time.perf_counter()
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - start
         print(
             f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, world version {WORLD_VERSION}, threads {world.info['threads']}"
+            f"transformers {transformers.__version__}, world version {WORLD_VERSION} (content {CONTENT_VERSION}), threads {world.info['threads']}"
         )
         print(format_table(world))
         print(

@@ -413,3 +413,183 @@ def test_scores_validation_and_mean():
         EditResult(0, "ft_l", "single", a, None, 1.0, 2.0, -1, None)
     with pytest.raises(ValueError, match="wall_time_s"):
         EditResult(0, "ft_l", "single", a, None, math.nan, 2.0, 1, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# optional probe fields (portability, hard-negative locality, knowledge unit)
+
+
+def _probe_record(i):
+    rec = _record(i)
+    rec.update(
+        {
+            "portability": {
+                "by_name": [{"prompt": f"Which colour does item {i} have?", "ground_truth": f"blue{i}"}],
+                "one_hop": [
+                    {
+                        "prompt": "describe the image",
+                        "ground_truth": f"a blue{i} thing",
+                        "image": f"img/{i}.png",
+                    }
+                ],
+            },
+            "hard_loc": f"Who wrote book {i + 1}?",
+            "hard_loc_ans": f"author{i + 1}",
+            "hard_m_loc": f"img/loc{i + 1}.png",
+            "hard_m_loc_q": "How many dots?",
+            "hard_m_loc_a": "2",
+            "rephrases": [f"Which colour does thing {i} have?", f"Thing {i} is of which colour?"],
+            "image_rephrases": [f"reph/{i}.png", f"reph/{i + 1}.png"],
+        }
+    )
+    return rec
+
+
+def test_probe_fields_load_validated_and_resolved(world):
+    ds = _load(world, [_probe_record(0), _record(1)])
+    assert {"portability", "hard_loc", "hard_m_loc", "rephrases", "image_rephrases"} <= set(
+        ds.hf_dataset.column_names
+    )
+    req, plain = ds[0], ds[1]
+    by_name, one_hop = req.portability
+    assert (by_name.kind, by_name.prompt, by_name.target, by_name.image) == (
+        "by_name",
+        "Which colour does item 0 have?",
+        "blue0",
+        None,
+    )
+    assert by_name.task == "vqa" and one_hop.task == "caption"
+    assert one_hop.kind == "one_hop" and one_hop.image == os.path.realpath(world["root"] / "img" / "0.png")
+    assert req.hard_loc_ans == "author1" and req.has_hard_t_locality and req.has_hard_m_locality
+    assert req.hard_m_loc == os.path.realpath(world["root"] / "img" / "loc1.png")
+    assert req.load_image("hard_m_loc").getpixel((0, 0)) == (0, 10, 0)
+    assert req.rephrases == ("Which colour does thing 0 have?", "Thing 0 is of which colour?")
+    assert req.image_rephrases == tuple(os.path.realpath(world["reph"] / "reph" / f"{j}.png") for j in (0, 1))
+    # a record without probes in the same file: absent, not empty strings
+    assert plain.portability == () and plain.hard_loc is None and plain.hard_m_loc is None
+    assert not (plain.has_unit or plain.has_hard_t_locality or plain.has_hard_m_locality)
+    with pytest.raises(ValueError, match="no 'hard_m_loc' image"):
+        plain.load_image("hard_m_loc")
+    # the request survives asdict (probes become dicts) and the comparison
+    assert EditRequest(**dataclasses.asdict(req)) == req
+    # a file without probes keeps exactly the old columns (test_vqa_file_loads_and_resolves_paths)
+    assert set(_load(world, [_record(0)]).hf_dataset.column_names) == {"case_id", "task", *MMEDIT_FIELDS}
+
+
+def test_knowedit_and_vlkeb_portability_keys_load(world):
+    knowedit = _record(0)
+    knowedit["portability"] = {
+        "Reasoning": [
+            {"prompt": "The colour of the sky over thing 0 is", "ground_truth": [["azure", "sky blue"]]},
+            {"prompt": ["The maker of thing 0 is", "unused"], "ground_truth": ["acme"]},
+        ],
+        "Subject_Aliasing": [{"prompt": "What colour is object zero?", "ground_truth": "blue0"}],
+    }
+    vlkeb = _record(1)
+    vlkeb["port_new"] = [
+        {"port_type": "1-hop", "Q&A": {"Question": "Where is thing 1 sold?", "Answer": "market"}},
+        {"port_type": "2-hop", "Q&A": {"Question": "Who runs it?", "Answer": "Ann"}, "image": "img/2.png"},
+    ]
+    listed = _record(2)
+    listed["portability"] = [{"prompt": "Name thing 2?", "ground_truth": "bob", "kind": "alias"}]
+    ds = _load(world, [knowedit, vlkeb, listed])
+    p0, p1, p2 = ds[0].portability, ds[1].portability, ds[2].portability
+    assert [(p.kind, p.prompt, p.target, p.image) for p in p0] == [
+        ("Reasoning", "The colour of the sky over thing 0 is", "azure", None),  # the first alias
+        ("Reasoning", "The maker of thing 0 is", "acme", None),  # the first of a list of prompts
+        ("Subject_Aliasing", "What colour is object zero?", "blue0", None),
+    ]
+    assert [(p.kind, p.target) for p in p1] == [("1-hop", "market"), ("2-hop", "Ann")]
+    assert p1[0].image == ds[1].image  # VLKEB asks portability on the edit image
+    assert p1[1].image == os.path.realpath(world["root"] / "img" / "2.png")
+    assert [(p.kind, p.prompt) for p in p2] == [("alias", "Name thing 2?")]
+    assert ds[0].hard_loc is None and ds[0].rephrases == ()
+
+
+def _bad_probe(field, value):
+    def mutate(rec, world):
+        rec.update(_probe_record(1))
+        if value is _DROP:
+            del rec[field]
+        else:
+            rec[field] = value
+
+    return mutate
+
+
+_DROP = object()
+BAD_PROBES = {
+    "portability not a container": ("portability", "x", "portability", "an object or a list"),
+    "portability item not an object": ("portability", {"a": ["x"]}, "portability.a[0]", "not an object"),
+    "portability empty prompt": (
+        "portability",
+        [{"prompt": " ", "ground_truth": "y"}],
+        "portability[0].prompt",
+        "empty value",
+    ),
+    "portability no ground truth": (
+        "portability",
+        [{"prompt": "q?"}],
+        "portability[0].ground_truth",
+        "string",
+    ),
+    "portability image escapes": (
+        "portability",
+        [{"prompt": "q?", "ground_truth": "y", "image": "../x.png"}],
+        "portability[0]",
+        "outside",
+    ),
+    "port_new not a list": ("port_new", {"Q&A": {}}, "port_new", "expected a list"),
+    "hard group incomplete": ("hard_loc_ans", _DROP, "hard_loc_ans", "come together"),
+    "hard m group incomplete": ("hard_m_loc_q", _DROP, "hard_m_loc_q", "come together"),
+    "hard loc not a string": ("hard_loc", 3, "hard_loc", "expected a string"),
+    "hard image missing": ("hard_m_loc", "img/nope.png", "hard_m_loc", "not found"),
+    "rephrases not a list": ("rephrases", "one", "rephrases", "list of strings"),
+    "rephrase empty": ("rephrases", ["a", ""], "rephrases[1]", "empty value"),
+    "image rephrase missing": ("image_rephrases", ["reph/nope.png"], "image_rephrases[0]", "not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PROBES))
+def test_bad_probe_fields_raise_with_location(world, case):
+    field, value, where, reason = BAD_PROBES[case]
+    records = [_record(i) for i in range(3)]
+    _bad_probe(field, value)(records[1], world)
+    with pytest.raises(DataValidationError) as info:
+        _load(world, records)
+    _assert_names(info.value, "edits.json", 1, where)
+    assert reason in str(info.value)
+
+
+def test_edit_request_validates_probes(world):
+    fields = dataclasses.asdict(_load(world, [_probe_record(0)])[0])
+    with pytest.raises(DataValidationError, match="come together"):
+        EditRequest(**{**fields, "hard_loc": None})
+    with pytest.raises(DataValidationError, match="not absolute"):
+        EditRequest(**{**fields, "image_rephrases": ("reph/0.png",)})
+    with pytest.raises(DataValidationError, match="unknown keys"):
+        EditRequest(**{**fields, "portability": ({"prompt": "q", "target": "a", "answer": "b"},)})
+    with pytest.raises(DataValidationError, match="list or tuple"):
+        EditRequest(**{**fields, "rephrases": "one"})
+    plain = {k: v for k, v in fields.items() if k in ("case_id", "task", "source", *MMEDIT_FIELDS)}
+    req = EditRequest(**plain)  # the probes are optional: the old constructor call still works
+    assert req.portability == () and req.rephrases == () and not req.has_unit
+
+
+def test_optional_scores_are_absent_not_zero():
+    from odedit_hf.data import OPTIONAL_SCORE_FIELDS
+
+    a, b, c = _scores(0.1), _scores(0.6), _scores(0.3)
+    assert a.present() == () and set(a.to_dict()) == set(_scores(0.0).to_dict())
+    assert not set(OPTIONAL_SCORE_FIELDS) & set(a.to_dict())
+    b.portability, b.portability_em, b.unit_consistency = 0.5, 0.0, 1.0
+    c.portability, c.portability_em = 1.0, 1.0
+    m = EditScores.mean([a, b, c])
+    assert m.reliability == pytest.approx((a.reliability + b.reliability + c.reliability) / 3)
+    assert m.portability == pytest.approx(0.75) and m.portability_em == pytest.approx(0.5)  # over b and c
+    assert m.unit_consistency == 1.0 and math.isnan(m.hard_m_locality)
+    assert "hard_m_locality" not in m.to_dict() and m.to_dict()["portability"] == pytest.approx(0.75)
+    assert EditScores.counts([a, b, c]) == {"portability": 2, "portability_em": 2, "unit_consistency": 1}
+    assert EditScores.from_dict(json.loads(json.dumps(b.to_dict()))) == b
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        EditScores(**{**a.to_dict(), "portability": 2.0})

@@ -9,6 +9,7 @@ from odedit_hf.evaluation.metrics import (
     EASYEDIT_IMAGE_TOPK,
     answer_agreement,
     easyedit_agreement,
+    group_scores,
     token_accuracy,
     topk_ids,
 )
@@ -120,3 +121,25 @@ def test_metrics_per_sample_in_a_batch_and_random_cross_check():
         right = [(logits[b, t].argmax() == labels[b, t + 1]).item() for t in pos.tolist()]
         assert acc[b].item() == pytest.approx(sum(right) / len(right))
         assert em[b].item() == float(all(right))
+
+
+def test_group_scores_portability_and_unit_consistency_by_hand():
+    # three members: targets of 2, 1 and 3 tokens; member 0 right, member 1 wrong, member 2 right on 2 of 3
+    labels = torch.tensor([[IGN, IGN, 5, 6], [IGN, IGN, IGN, 7], [IGN, 8, 9, 10]])
+    preds = [[0, 5, 6, 0], [0, 0, 3, 0], [8, 9, 1, 0]]
+    acc, em = token_accuracy(one_hot_logits(preds), labels)
+    assert acc.tolist() == pytest.approx([1.0, 0.0, 2 / 3]) and em.tolist() == [1.0, 0.0, 0.0]
+    mean_acc, mean_em, consistency = group_scores(acc, em)
+    assert mean_acc == pytest.approx((1.0 + 0.0 + 2 / 3) / 3)  # portability (token accuracy), 0.5556
+    assert mean_em == pytest.approx(1 / 3)  # portability EM
+    assert consistency == 0.0  # not every member exactly right
+    # all members exactly right -> consistency 1; one miss anywhere -> 0, whatever the mean
+    right = torch.tensor([[IGN, IGN, 5, 6], [IGN, IGN, IGN, 7], [IGN, 8, 9, 10]])
+    acc, em = token_accuracy(one_hot_logits([[0, 5, 6, 0], [0, 0, 7, 0], [8, 9, 10, 0]]), right)
+    assert group_scores(acc, em) == (1.0, 1.0, 1.0)
+    acc, em = torch.tensor([1.0, 1.0, 0.5, 1.0]), torch.tensor([1.0, 1.0, 0.0, 1.0])
+    assert group_scores(acc, em) == pytest.approx((0.875, 0.75, 0.0))
+    with pytest.raises(ValueError, match="N >= 1"):
+        group_scores(torch.empty(0), torch.empty(0))
+    with pytest.raises(ValueError, match=r"\(N,\)"):
+        group_scores(torch.ones(2), torch.ones(3))

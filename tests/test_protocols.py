@@ -224,3 +224,145 @@ def test_ft_single_edits_hold_on_the_micro_world(micro_world):
     assert run.rollback_checks == len(requests) + 1
     assert all(0.0 <= scores[k] <= 1.0 for k in scores)
     assert max(r.steps for r in run.results) <= FTLMethod().steps
+
+
+# ------------------------------------------------------------------- optional probes (issue 18)
+def write_probe_mmedit(folder) -> str:
+    """The records of :func:`write_mmedit` plus every probe field, in one file."""
+    path = write_mmedit(folder, n=2)
+    with open(path) as f:
+        records = json.load(f)
+    for i, rec in enumerate(records):
+        rec.update(
+            {
+                "portability": {
+                    "by_name": [{"prompt": "what is the capital of France?", "ground_truth": rec["alt"]}],
+                    "one_hop": [
+                        {
+                            "prompt": "which animal is this?",
+                            "ground_truth": "a green circle",
+                            "image": "img2.png",
+                        }
+                    ],
+                },
+                "hard_loc": "what is the color of the sky?",
+                "hard_loc_ans": "yes",
+                "hard_m_loc": "img1.png" if i == 0 else "img0.png",
+                "hard_m_loc_q": "what is the color of the sky?",
+                "hard_m_loc_a": "blue",
+                "rephrases": ["which animal is this?", "what is the color of the sky?"],
+                "image_rephrases": ["img2.png", "img1.png"],
+            }
+        )
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def probe_requests(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mmedit_probes")
+    return list(load_mmedit(write_probe_mmedit(folder), folder))
+
+
+def _strip_probes(request):
+    import dataclasses
+
+    return dataclasses.replace(
+        request,
+        portability=(),
+        hard_loc=None,
+        hard_loc_ans=None,
+        hard_m_loc=None,
+        hard_m_loc_q=None,
+        hard_m_loc_a=None,
+        rephrases=(),
+        image_rephrases=(),
+    )
+
+
+def test_probe_scores_by_hand_on_a_fresh_adapter(backbone, probe_requests):
+    from peft import get_peft_model
+
+    from odedit_hf.editing.samples import probe_samples
+    from odedit_hf.evaluation import token_accuracy
+
+    peft_model = get_peft_model(backbone.model, LoRAMethod().peft_config(backbone))
+    request = probe_requests[0]
+    reference = locality_reference(peft_model, backbone, request)
+    assert reference.hard_t_ids is not None and reference.hard_m_ids.shape[-1] == 10
+    scores = evaluate_request(peft_model, backbone, request, reference)
+    # a fresh adapter is the identity: the look-alike's answers agree with the pre-edit model
+    assert scores.hard_t_locality == scores.hard_m_locality == 1.0
+    assert scores.hard_t_locality_easyedit == scores.hard_m_locality_easyedit == 1.0
+    # portability and the unit are the base model's token accuracy on the probes, reduced by hand
+    probes = probe_samples(request)
+    assert [s.image is None for s in probes["portability"]] == [True, False]
+    assert len(probes["unit"]) == 4  # 2 text rephrases on the edit image + 2 image rephrases with src
+
+    def per_sample(samples):
+        with peft_model.disable_adapter():
+            out = [
+                token_accuracy(
+                    _logits(peft_model, backbone.build_batch([s])), backbone.build_batch([s])["labels"]
+                )
+                for s in samples
+            ]
+        return [a.item() for a, _ in out], [e.item() for _, e in out]
+
+    acc, em = per_sample(probes["portability"])
+    assert scores.portability == pytest.approx(sum(acc) / 2) and scores.portability_em == pytest.approx(
+        sum(em) / 2
+    )
+    acc, em = per_sample(probes["unit"])
+    assert scores.unit_generality == pytest.approx(sum(acc) / 4)
+    assert scores.unit_consistency == float(all(e == 1.0 for e in em))
+    # the five metrics do not depend on the probes: the same request without them scores the same
+    plain = _strip_probes(request)
+    plain_scores = evaluate_request(
+        peft_model, backbone, plain, locality_reference(peft_model, backbone, plain)
+    )
+    assert plain_scores.present() == ()
+    assert plain_scores.to_dict() == {
+        k: v for k, v in scores.to_dict().items() if k in plain_scores.to_dict()
+    }
+    # a perturbed adapter moves the hard-negative agreement in the all-positions mode
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1.0)
+    moved = evaluate_request(peft_model, backbone, request, reference)
+    assert moved.hard_m_locality_easyedit < 1.0 and moved.hard_t_locality_easyedit < 1.0
+    # a reference from before the probes (no hard ids) leaves hard locality absent, not zero
+    old = type(reference)(t_ids=reference.t_ids, m_ids=reference.m_ids)
+    partial = evaluate_request(peft_model, backbone, request, old)
+    assert "hard_t_locality" not in partial.to_dict() and "portability" in partial.to_dict()
+    peft_model.unload()
+
+
+def test_probe_columns_in_report_table_and_absent_without_probes(backbone, probe_requests, requests_):
+    run = run_protocol("sequential", FTLMethod(steps=5), backbone, probe_requests, seed=0)
+    report = build_report(run, device="cpu")
+    for which in ("post", "final"):
+        agg = report["aggregates"][which]
+        for key in (
+            "portability",
+            "portability_em",
+            "hard_t_locality",
+            "hard_m_locality_easyedit",
+            "unit_consistency",
+        ):
+            assert 0.0 <= agg[key] <= 1.0
+    assert (
+        report["probe_counts"]["unit_consistency"] == 2
+        and report["locality_modes"]["hard_m_locality"] == "answer"
+    )
+    table = format_table(report)
+    for row in ("portability", "unit", "hard_t_locality", "hard_m_locality", "probes:"):
+        assert row in table
+    # plain MMEdit data: the optional keys are absent from aggregates, table and edits (not zero)
+    plain = build_report(run_protocol("single", FTLMethod(steps=2), backbone, requests_[:2], seed=0))
+    assert plain["probe_counts"] == {}
+    assert not {"portability", "hard_t_locality", "unit_consistency"} & set(plain["aggregates"]["post"])
+    assert "portability" not in format_table(plain) and "hard_" not in format_table(plain)
+    assert all("portability" not in e["post"] for e in plain["edits"])

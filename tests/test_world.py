@@ -17,9 +17,15 @@ import os
 import pytest
 
 from odedit_hf.data.world import PRESETS, WORLD_VERSION, edit_records, export_world, generate_world
-from odedit_hf.data.world.export import HELDOUT_RENDERING_BASE
+from odedit_hf.data.world.export import HELDOUT_RENDERING_BASE, image_name, shared_attributes
 from odedit_hf.data.world.render import render_array
-from odedit_hf.data.world.spec import EDIT_RELATIONS, RELATIONS, TEXT_RELATIONS, VISUAL_RELATIONS
+from odedit_hf.data.world.spec import (
+    CAPTION_RELATION,
+    EDIT_RELATIONS,
+    RELATIONS,
+    TEXT_RELATIONS,
+    VISUAL_RELATIONS,
+)
 
 MICRO_GATES = {
     "trained": 0.90,
@@ -180,6 +186,107 @@ def test_vision_pretraining_trains_the_tower_and_leaves_a_plain_llava():
     assert stats["vision_steps"] == 40 and stats["vision_loss"] < 0.5 * chance, stats
 
 
+# ------------------------------------------------------------------------------------ probes (v4)
+#: sha256 of the eleven MMEdit fields of every record, as world version 3 (content version 3) wrote them
+#: (computed with the version-3 code, commit 9462d5d): the probes of version 4 must leave them untouched,
+#: so every table measured on version 3 stays valid.
+V3_RECORD_DIGESTS = {
+    ("micro", "vqa", "train"): "f06fc70cb7a50ddcb38f1b53285a57318d9525c0cbb29f3bb872c77a75c7f72f",
+    ("micro", "vqa", "eval"): "d2ecec8665c74439bd4e3d6f7a74a7c21c65350a280296d3d9c70f906f0508a2",
+    ("micro", "caption", "train"): "7c3bdc99d7bef15f6f1cc65cb7765f5479e44c297c4bd81c6f89c2ac79b27a77",
+    ("micro", "caption", "eval"): "bb27ec7431148ac7badb8f857a970bf9239d904096054e1040dd0c9d44689505",
+    ("tiny", "vqa", "train"): "bc3a2951051718dd5065919f5bc831931211fc8220b9b7b2cc2ba7ca0201c90f",
+    ("tiny", "vqa", "eval"): "443bc3928a3cc8ee17c5d9fcf66b1e4491ca240d180a279a21d5f000c7645a28",
+    ("tiny", "caption", "train"): "169305b294a9aae4c34cee54bf0de256adc4cd13c9f90af4ba9ab50f685f23c2",
+    ("tiny", "caption", "eval"): "c7fdba731d9355c56e09293137e3c41c3b6bd6c41a2c5567b08adbb4a5b02baf",
+}
+#: sha256 of the entities (attributes, facts) and of every string the tokenizer is trained on, version 3:
+#: unchanged, the model trains on the same data.
+V3_WORLD_DIGESTS = {
+    "micro": "16283c355a23e5c3f8beb6ae7bec9bc8ed04b023a67cb3f52d0d192a7e8e53db",
+    "tiny": "557a56fe939a65b3538206abefd768acd5e7170c33db1431a874aa5465aa1390",
+}
+
+
+def _sha(obj) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode()).hexdigest()
+
+
+def test_probes_leave_the_version_3_content_unchanged():
+    from odedit_hf.data import MMEDIT_FIELDS
+
+    for preset in ("micro", "tiny"):
+        world = generate_world(preset, 0)
+        entities = [[e.index, e.shape, e.colour, e.pattern, e.accent, e.facts] for e in world.entities]
+        assert _sha(entities + [world.all_text()]) == V3_WORLD_DIGESTS[preset]
+        for task in ("vqa", "caption"):
+            for split in ("train", "eval"):
+                records = edit_records(world, task, split)
+                assert list(records[0])[:11] == list(MMEDIT_FIELDS)  # the eleven first, in file order
+                eleven = [[r[k] for k in MMEDIT_FIELDS] for r in records]
+                assert _sha(eleven) == V3_RECORD_DIGESTS[(preset, task, split)], (preset, task, split)
+                assert [{k: r[k] for k in MMEDIT_FIELDS} for r in records] == edit_records(
+                    world, task, split, probes=False
+                )
+
+
+def test_probes_are_what_they_claim():
+    world = generate_world("tiny", 0)
+    by_image = {image_name(e): e for e in world.entities}
+    by_name = {e.name: e for e in world.entities}
+    kinds = set()
+    for task in ("vqa", "caption"):
+        for rec in edit_records(world, task, "eval"):
+            entity = by_image[rec["image"]]
+            relation = next(r for r in EDIT_RELATIONS if entity.facts[r] == rec["pred"])
+            assert relation == CAPTION_RELATION if task == "caption" else relation in VISUAL_RELATIONS
+            port = rec["portability"]
+            kinds |= set(port)
+            for probe in port.get("by_name", []):
+                # the edited relation, asked about the entity by name, text only; target = the new answer
+                assert relation in TEXT_RELATIONS and entity.name in probe["prompt"].split()
+                assert probe["ground_truth"] == rec["alt"] and "image" not in probe
+                assert probe["prompt"] in {t.render(entity.name) for t in world.train_templates(relation)}
+            for probe in port.get("one_hop", []):
+                assert probe["image"] == rec["image"]
+                if relation == "food":
+                    assert probe["ground_truth"] == f"{entity.name} eating {rec['alt']}"
+                elif relation == "name":
+                    assert probe["ground_truth"] == f"{rec['alt']} eating {entity.facts['food']}"
+                else:  # a caption edit: its name and its food
+                    assert probe["ground_truth"] in rec["alt"].split(" eating ")
+            assert port, "every world record has at least one portability probe"
+            # hard negatives: a look-alike (3 of 4 attributes), the edited relation, an answer the edit would flip
+            look_alike = by_image[rec["hard_m_loc"]]
+            assert look_alike.index != entity.index and shared_attributes(entity, look_alike) == 3
+            assert rec["hard_m_loc_a"] == look_alike.facts[relation] != rec["alt"]
+            assert rec["hard_m_loc_q"] in {t.render() for t in world.train_templates(relation)}
+            name = next(w for w in rec["hard_loc"].split() if w in by_name)
+            assert by_name[name] is look_alike and rec["hard_loc_ans"] in look_alike.facts.values()
+            # the knowledge unit: every held-out template, every held-out rendering, the record's own first
+            heldout = [t.render() for t in world.heldout_templates(relation)]
+            assert rec["rephrases"][0] == rec["rephrase"] and sorted(rec["rephrases"]) == sorted(heldout)
+            assert rec["image_rephrases"] == [
+                image_name(entity, unseen=j) for j in range(world.preset.heldout_renderings)
+            ]
+            assert rec["image_rephrases"][0] == rec["image_rephrase"]
+    assert kinds == {"by_name", "one_hop"}
+
+
+def test_exported_probes_load_through_the_loader(tmp_path):
+    from odedit_hf.data import load_mmedit
+
+    files = export_world(generate_world("micro", 0), str(tmp_path))
+    for path in (files.vqa_eval, files.caption_eval):
+        for req in load_mmedit(path, files.image_root):
+            assert req.portability and req.has_hard_t_locality and req.has_hard_m_locality
+            assert len(req.rephrases) == 3 and len(req.image_rephrases) == PRESETS["micro"].heldout_renderings
+            assert req.image_rephrases[0] == req.image_rephrase and os.path.isfile(req.hard_m_loc)
+            assert all(p.image in (None, req.image) for p in req.portability)
+
+
 # ------------------------------------------------------------------------------------ the model
 def test_micro_world_meets_its_accuracy_gates(micro_world):
     acc = micro_world.accuracies
@@ -264,3 +371,66 @@ def test_cli_world_build_prints_the_table(micro_world, capsys):
     assert main(["world", "build", "--preset", "micro", "--seed", "0", "--out", micro_world.root]) == 0
     out = capsys.readouterr().out
     assert "unseen renderings" in out and f"{micro_world.accuracies['trained']:.3f}" in out
+
+
+def _as_older_version(src: str, dst: str) -> None:
+    """Copy a world to ``dst`` and make it look like version 3 (no content_version key, as v3 wrote it)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "world_info.json")
+    info = json.loads(open(path).read())
+    info["world_version"] = "3"
+    info.pop("content_version", None)
+    with open(path, "w") as fh:
+        json.dump(info, fh)
+
+
+def test_build_reuses_the_model_of_an_older_version_with_the_same_content(micro_world, tmp_path, monkeypatch):
+    from odedit_hf.data.world import build as build_module
+    from odedit_hf.data.world import build_world
+
+    cache = tmp_path / "cache"
+    _as_older_version(micro_world.root, str(cache / "micro-seed0-v3"))
+    assert build_module.find_model_donor(str(cache / f"micro-seed0-v{WORLD_VERSION}"), "micro", 0) == str(
+        cache / "micro-seed0-v3"
+    )
+    assert build_module.find_model_donor(str(cache / f"micro-seed1-v{WORLD_VERSION}"), "micro", 1) is None
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the model must be copied, not trained")
+
+    monkeypatch.setattr(build_module, "_build_into", no_training)
+    world = build_world("micro", 0, out=cache / f"micro-seed0-v{WORLD_VERSION}", progress=False)
+    assert world.info["model_from"]["root"] == str(cache / "micro-seed0-v3")
+    assert world.accuracies == micro_world.accuracies and world.world_version == WORLD_VERSION
+    files = _tree(micro_world.model_dir)
+    _, mismatch, errors = filecmp.cmpfiles(micro_world.model_dir, world.model_dir, files, shallow=False)
+    assert files == _tree(world.model_dir) and not mismatch and not errors
+    _, mismatch, errors = filecmp.cmpfiles(
+        micro_world.data_dir, world.data_dir, _tree(world.data_dir), shallow=False
+    )
+    assert not mismatch and not errors  # the same v4 data files as a from-scratch build
+
+    # a donor whose model measures differently from what it recorded is not trusted: the build trains
+    tampered = tmp_path / "cache2"
+    _as_older_version(micro_world.root, str(tampered / "micro-seed0-v3"))
+    info_path = tampered / "micro-seed0-v3" / "world_info.json"
+    info = json.loads(info_path.read_text())
+    info["accuracies"]["trained"] = 0.5
+    info_path.write_text(json.dumps(info))
+    calls = []
+
+    def fake_training(root, world, *, progress, threads):
+        calls.append(sorted(os.listdir(root)))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(build_module, "_build_into", fake_training)
+    with pytest.raises(RuntimeError, match="stop here"):
+        build_world("micro", 0, out=tampered / f"micro-seed0-v{WORLD_VERSION}", progress=False)
+    assert calls == [[]], "training starts from an empty folder after a rejected copy"
+    assert not os.path.exists(tampered / f"micro-seed0-v{WORLD_VERSION}")
+    # force never copies
+    monkeypatch.setattr(build_module, "_build_into", fake_training)
+    with pytest.raises(RuntimeError, match="stop here"):
+        build_world("micro", 0, out=cache / "micro-seed0-vX", progress=False, force=True)

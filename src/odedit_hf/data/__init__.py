@@ -8,11 +8,24 @@ from __future__ import annotations
 
 from .errors import DataValidationError
 from .loader import MMEditDataset, load_mmedit
-from .schema import IMAGE_FIELDS, MMEDIT_FIELDS, TASKS, TEXT_FIELDS, EditRequest, EditResult, EditScores
+from .schema import (
+    IMAGE_FIELDS,
+    MMEDIT_FIELDS,
+    OPTIONAL_SCORE_FIELDS,
+    PROBE_FIELDS,
+    TASKS,
+    TEXT_FIELDS,
+    EditRequest,
+    EditResult,
+    EditScores,
+    PortabilityProbe,
+)
 
 __all__ = [
     "IMAGE_FIELDS",
     "MMEDIT_FIELDS",
+    "OPTIONAL_SCORE_FIELDS",
+    "PROBE_FIELDS",
     "TASKS",
     "TEXT_FIELDS",
     "DataValidationError",
@@ -20,5 +33,6 @@ __all__ = [
     "EditResult",
     "EditScores",
     "MMEditDataset",
+    "PortabilityProbe",
     "load_mmedit",
 ]

@@ -1,9 +1,24 @@
 """Load and validate MMEdit files (EasyEdit's E-VQA / E-IC format) into a ``datasets.Dataset``.
 
-The file is one JSON list of records whose fields are exactly :data:`~odedit_hf.data.schema.MMEDIT_FIELDS`,
-every one a non-empty string. Each record is checked before anything else sees it: the fields, their
-types, and that each image path stays inside its root and names an existing file. Images are not
-opened here; :meth:`EditRequest.load_image` reads them when they are needed.
+The file is one JSON list of records whose fields are :data:`~odedit_hf.data.schema.MMEDIT_FIELDS`,
+every one a non-empty string, plus optionally the probe fields (:data:`~odedit_hf.data.schema.PROBE_FIELDS`)
+and VLKEB's ``port_new``. Each record is checked before anything else sees it: the fields, their types,
+and that each image path stays inside its root and names an existing file. Images are not opened here;
+:meth:`EditRequest.load_image` reads them when they are needed.
+
+Optional fields (a record without them loads as before; their metrics are then absent):
+
+* ``portability`` — KnowEdit's layout, ``{category: [{"prompt": ..., "ground_truth": ...}, ...]}``, or a
+  plain list of such items. A prompt may be a list (its first entry is used, as EasyEdit's KnowEdit
+  loader does); ``ground_truth`` may be a string or nested lists of aliases (the first string is the
+  target). An item may carry ``"image"`` (relative to ``image_root``): asked on that image; without it
+  the probe is text only. VLKEB-style items (``{"port_type": ..., "Q&A": {"Question", "Answer"}}``) are
+  read too, as is VLKEB's own key ``port_new`` (a list of them); they are asked on the edit image, as
+  VLKEB does, unless they name an ``"image"``.
+* ``hard_loc`` + ``hard_loc_ans`` (strings) and ``hard_m_loc`` (image, relative to ``image_root``) +
+  ``hard_m_loc_q`` + ``hard_m_loc_a``: hard-negative locality, each group whole or absent.
+* ``rephrases`` (list of strings) and ``image_rephrases`` (list of images, relative to
+  ``rephrase_image_root``): the knowledge unit.
 """
 
 from __future__ import annotations
@@ -17,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import DataValidationError
 from .images import resolve_image_path
-from .schema import IMAGE_FIELDS, MMEDIT_FIELDS, TASKS, EditRequest
+from .schema import IMAGE_FIELDS, MMEDIT_FIELDS, PROBE_FIELDS, TASKS, EditRequest
 
 if TYPE_CHECKING:
     import datasets
@@ -31,6 +46,13 @@ logger = logging.getLogger(__name__)
 # second it is captioning; anything between is ambiguous and raises rather than guesses.
 _AUTO_VQA_MIN_SHARE = 0.8
 _AUTO_CAPTION_MAX_SHARE = 0.2
+#: Keys a record may carry beyond the eleven: the probe fields and VLKEB's portability key.
+_VLKEB_PORTABILITY = "port_new"
+_OPTIONAL_KEYS: tuple[str, ...] = (*PROBE_FIELDS, _VLKEB_PORTABILITY)
+_HARD_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("hard_loc", "hard_loc_ans"),
+    ("hard_m_loc", "hard_m_loc_q", "hard_m_loc_a"),
+)
 
 
 class MMEditDataset:
@@ -40,7 +62,9 @@ class MMEditDataset:
 
     Attributes:
         hf_dataset: the underlying ``datasets.Dataset``; columns ``case_id``, ``task`` and the MMEdit
-            fields, image paths already resolved to absolute paths.
+            fields, image paths already resolved to absolute paths, plus the probe fields when any
+            record of the file carries one (``portability`` as a list of ``{kind, prompt, target,
+            image}``; ``None`` / ``[]`` in records without it).
         path: the file the records came from (absolute).
         task: ``"vqa"`` or ``"caption"``.
         image_root, rephrase_image_root: the resolved roots the image paths were checked against.
@@ -73,6 +97,12 @@ class MMEditDataset:
         return len(self.hf_dataset)
 
     def _request(self, row: dict[str, Any]) -> EditRequest:
+        row = dict(row)
+        if "portability" in row:
+            row["portability"] = tuple(row["portability"] or ())
+        for name in ("rephrases", "image_rephrases"):
+            if name in row:
+                row[name] = tuple(row[name] or ())
         return EditRequest(source=self.path, **row)
 
     def __getitem__(self, index: int) -> EditRequest:
@@ -145,7 +175,7 @@ def _validate_record(
             **where,
         )
     missing = [f for f in MMEDIT_FIELDS if f not in record]
-    unknown = sorted(k for k in record if k not in MMEDIT_FIELDS)
+    unknown = sorted(k for k in record if k not in MMEDIT_FIELDS and k not in _OPTIONAL_KEYS)
     if missing or unknown:
         problems = []
         if missing:
@@ -155,7 +185,8 @@ def _validate_record(
         raise DataValidationError(
             "; ".join(problems),
             field=(missing or unknown)[0],
-            hint=f"MMEdit records have exactly the fields {list(MMEDIT_FIELDS)}; rename or drop the others",
+            hint=f"MMEdit records have the fields {list(MMEDIT_FIELDS)} and optionally "
+            f"{list(_OPTIONAL_KEYS)}; rename or drop the others",
             **where,
         )
     for name in MMEDIT_FIELDS:
@@ -185,7 +216,154 @@ def _validate_record(
                 field=name,
             )
         row[name] = value
+    row.update(
+        _probe_row(record, row, where=where, image_root=image_root, rephrase_image_root=rephrase_image_root)
+    )
     return row
+
+
+def _text(value: Any, field: str, where: dict[str, Any], hint: str) -> str:
+    if not isinstance(value, str):
+        raise DataValidationError(
+            f"expected a string, got a JSON {type(value).__name__} ({value!r})",
+            field=field,
+            hint=hint,
+            **where,
+        )
+    if not value.strip():
+        raise DataValidationError(f"empty value {value!r}", field=field, hint=hint, **where)
+    return value
+
+
+def _first_string(value: Any) -> Any:
+    """The first string of a (possibly nested) list, as KnowEdit stores aliases; anything else unchanged."""
+    while isinstance(value, list) and value:
+        value = value[0]
+    return value
+
+
+def _portability_items(record: dict[str, Any], where: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """``(field, kind, item)`` for every portability item of the record, in file order."""
+    items: list[tuple[str, str, Any]] = []
+    if "portability" in record:
+        value = record["portability"]
+        if isinstance(value, dict):
+            for kind, group in value.items():
+                group = group if isinstance(group, list) else [group]
+                items += [(f"portability.{kind}[{i}]", str(kind), item) for i, item in enumerate(group)]
+        elif isinstance(value, list):
+            items += [(f"portability[{i}]", "portability", item) for i, item in enumerate(value)]
+        else:
+            raise DataValidationError(
+                f"expected an object or a list, got a JSON {type(value).__name__}",
+                field="portability",
+                hint='KnowEdit layout: {"category": [{"prompt": ..., "ground_truth": ...}]}, or a list of items',
+                **where,
+            )
+    if _VLKEB_PORTABILITY in record:
+        value = record[_VLKEB_PORTABILITY]
+        if not isinstance(value, list):
+            raise DataValidationError(
+                f"expected a list, got a JSON {type(value).__name__}",
+                field=_VLKEB_PORTABILITY,
+                hint='VLKEB layout: [{"port_type": "1-hop", "Q&A": {"Question": ..., "Answer": ...}}]',
+                **where,
+            )
+        items += [(f"{_VLKEB_PORTABILITY}[{i}]", "portability", item) for i, item in enumerate(value)]
+    return items
+
+
+def _probe_row(
+    record: dict[str, Any],
+    row: dict[str, Any],
+    *,
+    where: dict[str, Any],
+    image_root: str,
+    rephrase_image_root: str,
+) -> dict[str, Any]:
+    """The optional probe fields of one record, validated, image paths resolved (only those present)."""
+    out: dict[str, Any] = {}
+    hint = "see load_mmedit's docstring for the optional probe fields"
+    probes = []
+    for field, kind, item in _portability_items(record, where):
+        if not isinstance(item, dict):
+            raise DataValidationError(
+                f"portability item is a JSON {type(item).__name__}, not an object",
+                field=field,
+                hint=hint,
+                **where,
+            )
+        if "Q&A" in item:  # VLKEB
+            qa = item["Q&A"]
+            if not isinstance(qa, dict):
+                raise DataValidationError("'Q&A' must be an object", field=field, hint=hint, **where)
+            prompt, target = qa.get("Question"), qa.get("Answer")
+            kind = str(item.get("port_type", kind))
+            image = row["image"]  # VLKEB asks portability on the edit image
+        else:
+            prompt, target = _first_string(item.get("prompt")), _first_string(item.get("ground_truth"))
+            kind = str(item.get("kind", kind))
+            image = None
+        prompt = _text(prompt, f"{field}.prompt", where, hint)
+        target = _text(target, f"{field}.ground_truth", where, hint)
+        if "image" in item:
+            relative = _text(item["image"], f"{field}.image", where, hint)
+            image = resolve_image_path(
+                image_root,
+                relative,
+                root_arg="image_root",
+                source=where["path"],
+                index=where["index"],
+                field=field,
+            )
+        probes.append({"kind": kind, "prompt": prompt, "target": target, "image": image})
+    if probes:
+        out["portability"] = probes
+    for group in _HARD_GROUPS:
+        present = [name in record for name in group]
+        if not any(present):
+            continue
+        if not all(present):
+            missing = [n for n, p in zip(group, present) if not p]
+            raise DataValidationError(
+                f"{', '.join(group)} come together; missing {missing}",
+                field=missing[0],
+                hint="give the whole group or none of it",
+                **where,
+            )
+        for name in group:
+            out[name] = _text(record[name], name, where, hint)
+    if "hard_m_loc" in out:
+        out["hard_m_loc"] = resolve_image_path(
+            image_root, out["hard_m_loc"], root_arg="image_root", field="hard_m_loc", **_where(where)
+        )
+    for name, root, root_arg in (
+        ("rephrases", None, None),
+        ("image_rephrases", rephrase_image_root, "rephrase_image_root"),
+    ):
+        if name not in record:
+            continue
+        value = record[name]
+        if not isinstance(value, list):
+            raise DataValidationError(
+                f"expected a list of strings, got a JSON {type(value).__name__}",
+                field=name,
+                hint=hint,
+                **where,
+            )
+        values = [_text(v, f"{name}[{i}]", where, hint) for i, v in enumerate(value)]
+        if root is not None:
+            values = [
+                resolve_image_path(root, v, root_arg=root_arg, field=f"{name}[{i}]", **_where(where))
+                for i, v in enumerate(values)
+            ]
+        if values:
+            out[name] = values
+    return out
+
+
+def _where(where: dict[str, Any]) -> dict[str, Any]:
+    return {"source": where["path"], "index": where["index"]}
 
 
 def _infer_task(rows: Sequence[dict[str, Any]], source: str) -> str:
@@ -322,12 +500,22 @@ def _to_hf_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
     # the schema even for an empty file.
     import datasets
 
+    string = datasets.Value("string")
+    probe_features = {
+        "portability": [{"kind": string, "prompt": string, "target": string, "image": string}],
+        **{name: string for group in _HARD_GROUPS for name in group},
+        "rephrases": [string],
+        "image_rephrases": [string],
+    }
+    present = [name for name in PROBE_FIELDS if any(name in row for row in rows)]
     features = datasets.Features(
         {
             "case_id": datasets.Value("int64"),
-            "task": datasets.Value("string"),
-            **{name: datasets.Value("string") for name in MMEDIT_FIELDS},
+            "task": string,
+            **{name: string for name in MMEDIT_FIELDS},
+            **{name: probe_features[name] for name in present},
         }
     )
-    columns = {name: [row[name] for row in rows] for name in features}
+    empty = {"portability": [], "rephrases": [], "image_rephrases": []}
+    columns = {name: [row.get(name, empty.get(name)) for row in rows] for name in features}
     return datasets.Dataset.from_dict(columns, features=features)

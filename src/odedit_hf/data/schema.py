@@ -3,6 +3,11 @@
 One spelling per field, everywhere: the MMEdit names (``src``, ``pred``, ``alt``, ``image``,
 ``rephrase``, ``image_rephrase``, ``loc``, ``loc_ans``, ``m_loc``, ``m_loc_q``, ``m_loc_a``) for
 requests, and the metric names of :class:`EditScores` for results.
+
+Beside the eleven, a request may carry optional *probes* (:data:`PROBE_FIELDS`): portability probes, a
+hard-negative text and multimodal locality sample, and a knowledge unit (several text and image
+rephrases). A record without them is a plain MMEdit record; the scores of a probe it lacks are absent
+(NaN in :class:`EditScores`, left out of its ``to_dict``), never zero.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ if TYPE_CHECKING:
 __all__ = [
     "IMAGE_FIELDS",
     "MMEDIT_FIELDS",
+    "OPTIONAL_SCORE_FIELDS",
+    "PROBE_FIELDS",
     "TASKS",
     "TEXT_FIELDS",
     "EditRequest",
     "EditResult",
     "EditScores",
+    "PortabilityProbe",
 ]
 
 #: The fields of one MMEdit record (EasyEdit's E-VQA / E-IC files), in file order. Every one is a string.
@@ -50,6 +58,45 @@ IMAGE_FIELDS: tuple[str, ...] = ("image", "image_rephrase", "m_loc")
 TEXT_FIELDS: tuple[str, ...] = tuple(f for f in MMEDIT_FIELDS if f not in IMAGE_FIELDS)
 #: The tasks an MMEdit file can hold.
 TASKS: tuple[str, ...] = ("vqa", "caption")
+#: Optional probe fields a record (and an :class:`EditRequest`) may carry beside the eleven, in file order.
+#: ``hard_loc``/``hard_loc_ans`` and ``hard_m_loc``/``hard_m_loc_q``/``hard_m_loc_a`` come as groups.
+PROBE_FIELDS: tuple[str, ...] = (
+    "portability",
+    "hard_loc",
+    "hard_loc_ans",
+    "hard_m_loc",
+    "hard_m_loc_q",
+    "hard_m_loc_a",
+    "rephrases",
+    "image_rephrases",
+)
+_HARD_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("hard_loc", "hard_loc_ans"),
+    ("hard_m_loc", "hard_m_loc_q", "hard_m_loc_a"),
+)
+
+
+@dataclass(frozen=True)
+class PortabilityProbe:
+    """One portability probe: does the edit reach a question it should change?
+
+    Args:
+        prompt: the question (or caption prompt).
+        target: the answer after the edit (KnowEdit's ``ground_truth``).
+        image: absolute path of the image it is asked on, or ``None`` for a text-only question.
+        kind: its category (e.g. ``"by_name"``, ``"one_hop"``, KnowEdit's ``"Reasoning"``, VLKEB's
+            ``"1-hop"``).
+    """
+
+    prompt: str
+    target: str
+    image: str | None = None
+    kind: str = "portability"
+
+    @property
+    def task(self) -> Literal["vqa", "caption"]:
+        """``"vqa"`` for a question (ends with ``?``), else ``"caption"`` (a caption or cloze prompt)."""
+        return "vqa" if self.prompt.rstrip().endswith("?") else "caption"
 
 
 @dataclass(frozen=True)
@@ -72,6 +119,15 @@ class EditRequest:
         m_loc: absolute path of an unrelated image (multimodal locality).
         m_loc_q: a question about ``m_loc``.
         m_loc_a: its answer.
+        portability: optional portability probes (:class:`PortabilityProbe`; mappings with the same keys
+            are accepted and converted).
+        hard_loc, hard_loc_ans: optional hard-negative text locality: a question about an entity that
+            looks like the edited one (same relation where possible), and its answer.
+        hard_m_loc, hard_m_loc_q, hard_m_loc_a: optional hard-negative multimodal locality: absolute path
+            of a look-alike's image, a question about it and its answer.
+        rephrases: optional knowledge unit, text side: paraphrases of ``src`` (``rephrase`` may be among them).
+        image_rephrases: optional knowledge unit, image side: absolute paths of other images of the same
+            thing (``image_rephrase`` may be among them).
     """
 
     case_id: int
@@ -88,6 +144,14 @@ class EditRequest:
     m_loc: str
     m_loc_q: str
     m_loc_a: str
+    portability: tuple[PortabilityProbe, ...] = ()
+    hard_loc: str | None = None
+    hard_loc_ans: str | None = None
+    hard_m_loc: str | None = None
+    hard_m_loc_q: str | None = None
+    hard_m_loc_a: str | None = None
+    rephrases: tuple[str, ...] = ()
+    image_rephrases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.case_id, int) or isinstance(self.case_id, bool):
@@ -111,34 +175,128 @@ class EditRequest:
                     hint="EditRequest holds resolved paths; build requests with load_mmedit",
                     **where,
                 )
+        self._check_probes(where)
+
+    def _check_probes(self, where: dict[str, Any]) -> None:
+        def absolute(path: Any, name: str) -> None:
+            if not isinstance(path, str) or not os.path.isabs(path):
+                raise DataValidationError(
+                    f"image path {path!r} is not absolute",
+                    field=name,
+                    hint="EditRequest holds resolved paths; build requests with load_mmedit",
+                    **where,
+                )
+
+        def text(value: Any, name: str) -> None:
+            if not isinstance(value, str) or not value.strip():
+                raise DataValidationError(f"must be a non-empty string, got {value!r}", field=name, **where)
+
+        probes = []
+        for i, probe in enumerate(_as_tuple(self.portability, "portability", where)):
+            if isinstance(probe, Mapping):
+                unknown = sorted(set(probe) - {"prompt", "target", "image", "kind"})
+                if unknown:
+                    raise DataValidationError(
+                        f"portability probe {i} has unknown keys {unknown}",
+                        field="portability",
+                        hint="a probe has prompt, target, image (or None) and kind",
+                        **where,
+                    )
+                probe = PortabilityProbe(**probe)
+            if not isinstance(probe, PortabilityProbe):
+                raise DataValidationError(
+                    f"portability probe {i} is a {type(probe).__name__}, not a PortabilityProbe",
+                    field="portability",
+                    **where,
+                )
+            text(probe.prompt, f"portability[{i}].prompt")
+            text(probe.target, f"portability[{i}].target")
+            text(probe.kind, f"portability[{i}].kind")
+            if probe.image is not None:
+                absolute(probe.image, f"portability[{i}].image")
+            probes.append(probe)
+        object.__setattr__(self, "portability", tuple(probes))
+        for group in _HARD_GROUPS:
+            present = [getattr(self, name) is not None for name in group]
+            if any(present) and not all(present):
+                missing = [n for n, p in zip(group, present) if not p]
+                raise DataValidationError(
+                    f"{', '.join(group)} come together; {missing} missing",
+                    field=missing[0],
+                    hint="give the whole group or none of it",
+                    **where,
+                )
+            if all(present):
+                for name in group:
+                    text(getattr(self, name), name)
+        if self.hard_m_loc is not None:
+            absolute(self.hard_m_loc, "hard_m_loc")
+        rephrases = _as_tuple(self.rephrases, "rephrases", where)
+        for i, value in enumerate(rephrases):
+            text(value, f"rephrases[{i}]")
+        object.__setattr__(self, "rephrases", rephrases)
+        image_rephrases = _as_tuple(self.image_rephrases, "image_rephrases", where)
+        for i, value in enumerate(image_rephrases):
+            absolute(value, f"image_rephrases[{i}]")
+        object.__setattr__(self, "image_rephrases", image_rephrases)
+
+    @property
+    def has_hard_t_locality(self) -> bool:
+        """Whether the request carries a hard-negative text-locality sample."""
+        return self.hard_loc is not None
+
+    @property
+    def has_hard_m_locality(self) -> bool:
+        """Whether the request carries a hard-negative multimodal-locality sample."""
+        return self.hard_m_loc is not None
+
+    @property
+    def has_unit(self) -> bool:
+        """Whether the request carries a knowledge unit (``rephrases`` or ``image_rephrases``)."""
+        return bool(self.rephrases or self.image_rephrases)
 
     def load_image(self, field: str = "image") -> Image.Image:
-        """Read one of the request's images (``"image"``, ``"image_rephrase"`` or ``"m_loc"``) as RGB.
+        """Read one of the request's images (``"image"``, ``"image_rephrase"``, ``"m_loc"`` or, when the
+        request has it, ``"hard_m_loc"``) as RGB.
 
         The file is opened only now, never at load time.
 
         Raises:
-            ValueError: ``field`` is not an image field.
+            ValueError: ``field`` is not an image field, or ``"hard_m_loc"`` on a request without it.
             DataValidationError: the file is missing or unreadable; the message names the file, the
                 record and the field.
         """
         from .images import load_rgb_image
 
-        if field not in IMAGE_FIELDS:
-            raise ValueError(f"EditRequest.load_image: field must be one of {IMAGE_FIELDS}, got {field!r}")
+        if field not in (*IMAGE_FIELDS, "hard_m_loc"):
+            raise ValueError(
+                f"EditRequest.load_image: field must be one of {(*IMAGE_FIELDS, 'hard_m_loc')}, got {field!r}"
+            )
+        if getattr(self, field) is None:
+            raise ValueError(f"EditRequest.load_image: case {self.case_id} has no {field!r} image")
         return load_rgb_image(getattr(self, field), source=self.source, index=self.case_id, field=field)
 
 
-def _check_keys(cls: type, data: Mapping[str, Any]) -> None:
+def _as_tuple(value: Any, name: str, where: dict[str, Any]) -> tuple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise DataValidationError(
+            f"must be a list or tuple, got a {type(value).__name__}", field=name, **where
+        )
+    return tuple(value)
+
+
+def _check_keys(cls: type, data: Mapping[str, Any], optional: Sequence[str] = ()) -> None:
     if not isinstance(data, Mapping):
         raise ValueError(f"{cls.__name__}.from_dict expects a mapping, got {type(data).__name__}")
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
-    missing = [n for n in names if n not in data]
+    missing = [n for n in names if n not in data and n not in optional]
     if unknown or missing:
+        required = [n for n in names if n not in optional]
+        extra = f" and optionally {list(optional)}" if optional else ""
         raise ValueError(
             f"{cls.__name__}.from_dict: unknown keys {unknown}, missing keys {missing}; "
-            f"expected exactly {names} (was the file written by another version of odedit-hf?)"
+            f"expected {required}{extra} (was the file written by another version of odedit-hf?)"
         )
 
 
@@ -150,7 +308,21 @@ def _as_float(cls_name: str, name: str, value: Any, *, allow_none: bool = False)
     return float(value)
 
 
-@dataclass
+#: The optional scores of :class:`EditScores`: computed only where the request carries the probe, NaN
+#: (absent) otherwise.
+OPTIONAL_SCORE_FIELDS: tuple[str, ...] = (
+    "portability",
+    "portability_em",
+    "hard_t_locality",
+    "hard_m_locality",
+    "hard_t_locality_easyedit",
+    "hard_m_locality_easyedit",
+    "unit_generality",
+    "unit_consistency",
+)
+
+
+@dataclass(eq=False)
 class EditScores:
     """Scores of one edit (or their mean over edits), each in [0, 1].
 
@@ -159,6 +331,10 @@ class EditScores:
     pre-edit model in two modes, both always reported: ``answer`` (top-1 agreement on the answer
     tokens only) and ``easyedit`` (all positions; top-1 for text, element-wise top-10 for images,
     comparable with published tables). NaN marks a metric that was not computed.
+
+    The first ten fields are always computed. The last eight (:data:`OPTIONAL_SCORE_FIELDS`) exist only
+    when the request carries the probe; they default to NaN = absent, which :meth:`to_dict` leaves out
+    and :meth:`mean` averages over the edits that have them.
 
     Args:
         reliability: image + ``src`` -> ``alt``, token accuracy.
@@ -171,6 +347,15 @@ class EditScores:
         m_locality: ``m_loc`` image + ``m_loc_q``, mode ``answer``.
         t_locality_easyedit: ``loc``, mode ``easyedit``.
         m_locality_easyedit: ``m_loc`` + ``m_loc_q``, mode ``easyedit``.
+        portability: portability probes -> their targets, token accuracy (mean over the request's probes).
+        portability_em: the same, exact match.
+        hard_t_locality: ``hard_loc`` (no image), mode ``answer``.
+        hard_m_locality: ``hard_m_loc`` image + ``hard_m_loc_q``, mode ``answer``.
+        hard_t_locality_easyedit: ``hard_loc``, mode ``easyedit`` (top-1).
+        hard_m_locality_easyedit: ``hard_m_loc`` + ``hard_m_loc_q``, mode ``easyedit`` (top-10).
+        unit_generality: the knowledge unit's members -> ``alt``, token accuracy (mean over the members:
+            image + each of ``rephrases``, each of ``image_rephrases`` + ``src``).
+        unit_consistency: 1.0 when every member of the unit is exactly right, else 0.0.
     """
 
     reliability: float
@@ -183,6 +368,14 @@ class EditScores:
     m_locality: float
     t_locality_easyedit: float
     m_locality_easyedit: float
+    portability: float = math.nan
+    portability_em: float = math.nan
+    hard_t_locality: float = math.nan
+    hard_m_locality: float = math.nan
+    hard_t_locality_easyedit: float = math.nan
+    hard_m_locality_easyedit: float = math.nan
+    unit_generality: float = math.nan
+    unit_consistency: float = math.nan
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -191,34 +384,54 @@ class EditScores:
                 raise ValueError(f"EditScores.{f.name} must lie in [0, 1] (or be NaN), got {value}")
             setattr(self, f.name, value)
 
+    def __eq__(self, other: object) -> bool:
+        # by value, an absent optional score equal to an absent one (NaN != NaN would make it unequal)
+        if not isinstance(other, EditScores):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # mutable, like the dataclass it replaces
+
+    def present(self) -> tuple[str, ...]:
+        """The optional fields this instance holds (not NaN)."""
+        return tuple(n for n in OPTIONAL_SCORE_FIELDS if not math.isnan(getattr(self, n)))
+
     def to_dict(self) -> dict[str, float]:
-        """The scores as a plain dict (JSON-ready), keyed by field name."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The scores as a plain dict (JSON-ready), keyed by field name; absent optional scores left out."""
+        present = set(self.present())
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in OPTIONAL_SCORE_FIELDS or f.name in present
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EditScores:
-        """Inverse of :meth:`to_dict`; unknown or missing keys raise ``ValueError``."""
-        _check_keys(cls, data)
+        """Inverse of :meth:`to_dict`; unknown keys or missing required keys raise ``ValueError``."""
+        _check_keys(cls, data, optional=OPTIONAL_SCORE_FIELDS)
         return cls(**data)
 
     @classmethod
     def mean(cls, scores: Sequence[EditScores]) -> EditScores:
         """Field-wise mean over ``scores``.
 
+        The ten required fields must be present in every item; an optional field is the mean over the
+        items that hold it (absent if none does) — :meth:`counts` says over how many.
+
         Raises:
             ValueError: ``scores`` is empty, holds something other than ``EditScores``, or holds a
-                NaN (a metric missing for some edit would silently change what the mean is over).
+                NaN in a required field (a metric missing for some edit would silently change what the
+                mean is over).
         """
-        scores = list(scores)
-        if not scores:
-            raise ValueError("EditScores.mean needs at least one EditScores, got an empty sequence")
-        for i, s in enumerate(scores):
-            if not isinstance(s, EditScores):
-                raise ValueError(f"EditScores.mean: item {i} is a {type(s).__name__}, not EditScores")
+        scores = _check_scores(cls, scores)
         out = {}
         for f in dataclasses.fields(cls):
             values = [getattr(s, f.name) for s in scores]
             bad = [i for i, v in enumerate(values) if math.isnan(v)]
+            if f.name in OPTIONAL_SCORE_FIELDS:
+                values = [v for v in values if not math.isnan(v)]
+                out[f.name] = math.fsum(values) / len(values) if values else math.nan
+                continue
             if bad:
                 raise ValueError(
                     f"EditScores.mean: field {f.name!r} is NaN in items {bad[:10]}; "
@@ -226,6 +439,23 @@ class EditScores:
                 )
             out[f.name] = math.fsum(values) / len(values)
         return cls(**out)
+
+    @classmethod
+    def counts(cls, scores: Sequence[EditScores]) -> dict[str, int]:
+        """How many of ``scores`` hold each optional field present in at least one of them."""
+        scores = _check_scores(cls, scores)
+        out = {n: sum(not math.isnan(getattr(s, n)) for s in scores) for n in OPTIONAL_SCORE_FIELDS}
+        return {n: c for n, c in out.items() if c}
+
+
+def _check_scores(cls: type, scores: Sequence[Any]) -> list[EditScores]:
+    scores = list(scores)
+    if not scores:
+        raise ValueError(f"{cls.__name__}.mean needs at least one EditScores, got an empty sequence")
+    for i, s in enumerate(scores):
+        if not isinstance(s, EditScores):
+            raise ValueError(f"{cls.__name__}.mean: item {i} is a {type(s).__name__}, not EditScores")
+    return scores
 
 
 @dataclass

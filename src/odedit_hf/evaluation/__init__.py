@@ -12,6 +12,7 @@ from .metrics import (
     answer_agreement,
     answer_top1,
     easyedit_agreement,
+    group_scores,
     token_accuracy,
     topk_ids,
 )
@@ -26,7 +27,15 @@ from .protocols import (
     run_sequential,
     run_single,
 )
-from .results import LOCALITY_MODES, RESULTS_FORMAT, aggregate, build_report, format_table, write_json_atomic
+from .results import (
+    LOCALITY_MODES,
+    RESULTS_FORMAT,
+    aggregate,
+    build_report,
+    format_table,
+    probe_counts,
+    write_json_atomic,
+)
 
 __all__ = [
     "EASYEDIT_IMAGE_TOPK",
@@ -44,7 +53,9 @@ __all__ = [
     "easyedit_agreement",
     "evaluate_request",
     "format_table",
+    "group_scores",
     "locality_reference",
+    "probe_counts",
     "run_batch",
     "run_protocol",
     "run_sequential",

@@ -11,11 +11,19 @@ with the pre-edit model, in two modes that are always reported together:
   logits (prompt, image placeholders and answer), ``k = 1`` for text locality and ``k = 10`` for
   multimodal locality, as EasyEdit computes it; comparable with published tables.
 
+The optional probes reuse these: portability is token accuracy (and exact match) on each probe's new
+target, hard-negative locality is the same two agreements on a look-alike's sample, and a knowledge unit
+is scored by :func:`group_scores` — its mean token accuracy and its *consistency*, 1.0 only when every
+member of the unit is exactly right.
+
 Shapes: ``logits (B, T, V)``, ``labels (B, T)`` with ``-100`` at unlabelled positions (the
-``build_batch`` convention); every function returns one value per sample, ``(B,)`` float32.
+``build_batch`` convention); every function returns one value per sample, ``(B,)`` float32, except
+:func:`group_scores`, which reduces one group of samples.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -28,12 +36,15 @@ __all__ = [
     "answer_agreement",
     "answer_top1",
     "easyedit_agreement",
+    "group_scores",
     "token_accuracy",
     "topk_ids",
 ]
 
 #: Bumped whenever a metric's definition changes, so result files from different definitions are never mixed.
-METRIC_VERSION = "1.0"
+#: 1.1: the optional probe metrics (portability, hard-negative locality, knowledge-unit consistency) added;
+#: the ten metrics of 1.0 unchanged.
+METRIC_VERSION = "1.1"
 #: EasyEdit's k for text locality (top-1) and multimodal locality (element-wise top-10).
 EASYEDIT_TEXT_TOPK = 1
 EASYEDIT_IMAGE_TOPK = 10
@@ -171,3 +182,24 @@ def easyedit_agreement(
     post_ids = topk_ids(post_logits, k)
     equal = (pre_ids == post_ids).float().mean(dim=-1)  # (B, T): fraction of the k slots that agree
     return (equal * mask).sum(dim=1) / mask.sum(dim=1).float()
+
+
+def group_scores(accuracy: torch.Tensor, exact: torch.Tensor) -> tuple[float, float, float]:
+    """Reduce the per-sample scores of one group (a request's portability probes or its knowledge unit).
+
+    Args:
+        accuracy: ``(N,)`` token accuracy of each member (:func:`token_accuracy`).
+        exact: ``(N,)`` their exact match, 0.0 or 1.0.
+
+    Returns:
+        ``(mean accuracy, mean exact match, consistency)``: consistency is 1.0 when every member is
+        exactly right, else 0.0.
+    """
+    if accuracy.dim() != 1 or tuple(accuracy.shape) != tuple(exact.shape) or accuracy.numel() == 0:
+        raise ValueError(
+            f"group_scores: expected two (N,) tensors with N >= 1, got {tuple(accuracy.shape)} and "
+            f"{tuple(exact.shape)}"
+        )
+    mean_acc = math.fsum(accuracy.double().tolist()) / accuracy.numel()
+    mean_em = math.fsum(exact.double().tolist()) / exact.numel()
+    return mean_acc, mean_em, float(bool((exact == 1.0).all()))

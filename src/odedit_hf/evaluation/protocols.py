@@ -28,13 +28,14 @@ import torch
 
 from odedit_hf.editing.editor import model_device
 from odedit_hf.editing.rollback import BaseWeights
-from odedit_hf.editing.samples import eval_samples
+from odedit_hf.editing.samples import eval_samples, probe_samples
 
 from .metrics import (
     EASYEDIT_IMAGE_TOPK,
     EASYEDIT_TEXT_TOPK,
     answer_agreement,
     easyedit_agreement,
+    group_scores,
     token_accuracy,
     topk_ids,
 )
@@ -69,15 +70,19 @@ OnAdapter = Callable[[Any], None]
 
 @dataclass
 class LocalityReference:
-    """What locality needs of the pre-edit model for one request: its top-k ids on the two locality samples.
+    """What locality needs of the pre-edit model for one request: its top-k ids on the locality samples.
 
     Args:
         t_ids: ``(1, T, 1)`` top-1 ids on the text-locality sample.
         m_ids: ``(1, T', 10)`` top-10 ids on the multimodal-locality sample.
+        hard_t_ids: the same on the hard-negative text-locality sample, ``None`` when the request has none.
+        hard_m_ids: the same on the hard-negative multimodal-locality sample, ``None`` when it has none.
     """
 
     t_ids: torch.Tensor
     m_ids: torch.Tensor
+    hard_t_ids: torch.Tensor | None = None
+    hard_m_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -116,15 +121,23 @@ def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def locality_reference(peft_model: Any, backbone: Backbone, request: EditRequest) -> LocalityReference:
-    """Top-k ids of the pre-edit model (adapters disabled) on the request's two locality samples."""
+    """Top-k ids of the pre-edit model (adapters disabled) on the request's locality samples (the two of
+    every request, and the hard-negative ones where the request has them)."""
     samples = eval_samples(request)
+    probes = probe_samples(request, only=("hard_t_locality", "hard_m_locality"))
     device = model_device(peft_model)
+    hard: dict[str, torch.Tensor | None] = {"hard_t_ids": None, "hard_m_ids": None}
     with peft_model.disable_adapter():
         t_logits = _logits(peft_model, backbone.build_batch([samples["t_locality"]], device=device))
         m_logits = _logits(peft_model, backbone.build_batch([samples["m_locality"]], device=device))
+        for key, k in (("t", EASYEDIT_TEXT_TOPK), ("m", EASYEDIT_IMAGE_TOPK)):
+            if f"hard_{key}_locality" in probes:
+                batch = backbone.build_batch(probes[f"hard_{key}_locality"], device=device)
+                hard[f"hard_{key}_ids"] = topk_ids(_logits(peft_model, batch), k).cpu()
     return LocalityReference(
         t_ids=topk_ids(t_logits, EASYEDIT_TEXT_TOPK).cpu(),
         m_ids=topk_ids(m_logits, EASYEDIT_IMAGE_TOPK).cpu(),
+        **hard,
     )
 
 
@@ -132,11 +145,17 @@ def locality_reference(peft_model: Any, backbone: Backbone, request: EditRequest
 def evaluate_request(
     model: Any, backbone: Backbone, request: EditRequest, reference: LocalityReference
 ) -> EditScores:
-    """Score the current (edited) model on one request: all five metrics, locality in both modes.
+    """Score the current (edited) model on one request: all five metrics, locality in both modes, and
+    the optional probes the request carries (portability, hard-negative locality in both modes, the
+    knowledge unit); a probe the request lacks stays absent (NaN) in the scores.
 
-    Three forward passes: reliability and both generalities in one batch, and each locality sample
-    alone — in exactly the batch shape :func:`locality_reference` used, so that pre and post logits
-    are comparable bit for bit (batching changes float rounding, which could flip near-ties).
+    Three forward passes for the five: reliability and both generalities in one batch, and each locality
+    sample alone — in exactly the batch shape :func:`locality_reference` used, so that pre and post logits
+    are comparable bit for bit (batching changes float rounding, which could flip near-ties). The probes
+    run after them, in their own batches (portability split into samples with and without an image, each
+    hard-negative sample alone, the unit in one batch), so the five are computed exactly as without
+    probes. Hard-negative locality needs the matching ids in ``reference`` (:func:`locality_reference`
+    makes them); a reference without them leaves those scores absent.
     """
     from odedit_hf.data import EditScores
 
@@ -151,17 +170,10 @@ def evaluate_request(
         ("t", reference.t_ids, EASYEDIT_TEXT_TOPK),
         ("m", reference.m_ids, EASYEDIT_IMAGE_TOPK),
     ):
-        batch = backbone.build_batch([samples[f"{key}_locality"]], device=device)
-        post = _logits(model, batch)
-        if tuple(ids.shape[:2]) != tuple(post.shape[:2]):
-            raise ValueError(
-                f"case {request.case_id}: the {key}-locality batch changed length between the pre-edit reference "
-                f"{tuple(ids.shape[:2])} and now {tuple(post.shape[:2])}; build the reference with the same backbone"
+        locality.update(
+            _agreements(
+                model, backbone, samples[f"{key}_locality"], ids, k, f"{key}_locality", request, device
             )
-        ids = ids.to(post.device)
-        locality[f"{key}_locality"] = float(answer_agreement(ids, post, batch["labels"])[0])
-        locality[f"{key}_locality_easyedit"] = float(
-            easyedit_agreement(ids, post, batch["attention_mask"], k=k)[0]
         )
     return EditScores(
         reliability=float(accuracy[0]),
@@ -171,7 +183,72 @@ def evaluate_request(
         m_generality=float(accuracy[2]),
         m_generality_em=float(exact[2]),
         **locality,
+        **_probe_scores(model, backbone, request, reference, device),
     )
+
+
+def _agreements(
+    model: Any,
+    backbone: Backbone,
+    sample: Any,
+    ids: torch.Tensor,
+    k: int,
+    name: str,
+    request: EditRequest,
+    device: torch.device,
+) -> dict[str, float]:
+    """``{name: answer-mode agreement, name + "_easyedit": easyedit-mode agreement}`` of one locality sample."""
+    batch = backbone.build_batch([sample], device=device)
+    post = _logits(model, batch)
+    if tuple(ids.shape[:2]) != tuple(post.shape[:2]):
+        raise ValueError(
+            f"case {request.case_id}: the {name} batch changed length between the pre-edit reference "
+            f"{tuple(ids.shape[:2])} and now {tuple(post.shape[:2])}; build the reference with the same backbone"
+        )
+    ids = ids.to(post.device)
+    return {
+        name: float(answer_agreement(ids, post, batch["labels"])[0]),
+        f"{name}_easyedit": float(easyedit_agreement(ids, post, batch["attention_mask"], k=k)[0]),
+    }
+
+
+def _group_accuracy(
+    model: Any, backbone: Backbone, group: list[Any], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample token accuracy and exact match of ``group``, in order; samples with and without an image
+    go in separate batches (not every family mixes them in one)."""
+    accuracy = torch.empty(len(group))
+    exact = torch.empty(len(group))
+    for with_image in (True, False):
+        idx = [i for i, s in enumerate(group) if (s.image is not None) == with_image]
+        if not idx:
+            continue
+        batch = backbone.build_batch([group[i] for i in idx], device=device)
+        acc, em = token_accuracy(_logits(model, batch), batch["labels"])
+        accuracy[idx], exact[idx] = acc.cpu(), em.cpu()
+    return accuracy, exact
+
+
+def _probe_scores(
+    model: Any, backbone: Backbone, request: EditRequest, reference: LocalityReference, device: torch.device
+) -> dict[str, float]:
+    """The optional scores of the probes ``request`` carries (none for a plain MMEdit request)."""
+    probes = probe_samples(request)
+    out: dict[str, float] = {}
+    if "portability" in probes:
+        acc, em, _ = group_scores(*_group_accuracy(model, backbone, probes["portability"], device))
+        out["portability"], out["portability_em"] = acc, em
+    for key, ids, k in (
+        ("t", reference.hard_t_ids, EASYEDIT_TEXT_TOPK),
+        ("m", reference.hard_m_ids, EASYEDIT_IMAGE_TOPK),
+    ):
+        name = f"hard_{key}_locality"
+        if name in probes and ids is not None:
+            out.update(_agreements(model, backbone, probes[name][0], ids, k, name, request, device))
+    if "unit" in probes:
+        acc, _, consistency = group_scores(*_group_accuracy(model, backbone, probes["unit"], device))
+        out["unit_generality"], out["unit_consistency"] = acc, consistency
+    return out
 
 
 # --------------------------------------------------------------------------------- measurement

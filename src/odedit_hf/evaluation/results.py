@@ -28,18 +28,23 @@ __all__ = [
     "aggregate",
     "build_report",
     "format_table",
+    "probe_counts",
     "write_json_atomic",
 ]
 
 #: Version of the results file layout (the metric definitions carry their own METRIC_VERSION).
 RESULTS_FORMAT = "odedit-hf/edit-results/1"
 
-#: Which mode each locality field of EditScores is in.
+#: Which mode each locality field of EditScores is in (the hard-negative ones only where the data has them).
 LOCALITY_MODES: dict[str, str] = {
     "t_locality": "answer",
     "m_locality": "answer",
     "t_locality_easyedit": "easyedit",
     "m_locality_easyedit": "easyedit",
+    "hard_t_locality": "answer",
+    "hard_m_locality": "answer",
+    "hard_t_locality_easyedit": "easyedit",
+    "hard_m_locality_easyedit": "easyedit",
 }
 
 _ACCURACY_ROWS = (
@@ -48,13 +53,24 @@ _ACCURACY_ROWS = (
     ("m_generality", "m_generality_em"),
 )
 _LOCALITY_ROWS = (("t_locality", "t_locality_easyedit"), ("m_locality", "m_locality_easyedit"))
+# optional rows, printed only when the report has them (the data carries the probe)
+_PROBE_ACCURACY_ROWS = (
+    ("portability", ("portability", "portability_em")),
+    ("unit", ("unit_generality", "unit_consistency")),
+)
+_PROBE_LOCALITY_ROWS = (
+    ("hard_t_locality", "hard_t_locality_easyedit"),
+    ("hard_m_locality", "hard_m_locality_easyedit"),
+)
 
 
 def aggregate(results: list[EditResult], which: str = "post") -> dict[str, float]:
     """Field-wise mean of the ``post`` (or ``final``) scores over ``results``.
 
     Returns:
-        ``{"reliability": ..., "reliability_em": ..., ..., "m_locality_easyedit": ...}``.
+        ``{"reliability": ..., "reliability_em": ..., ..., "m_locality_easyedit": ...}``, then the optional
+        probe scores (``portability``, ``hard_t_locality``, ``unit_consistency``, ...) that at least one
+        edit has, each the mean over the edits that have it; a probe no edit has is absent, not zero.
     """
     from odedit_hf.data import EditScores
 
@@ -66,6 +82,16 @@ def aggregate(results: list[EditResult], which: str = "post") -> dict[str, float
             f"aggregate: some results have no {which!r} scores (only the sequential protocol has 'final')"
         )
     return EditScores.mean(scores).to_dict()
+
+
+def probe_counts(results: list[EditResult], which: str = "post") -> dict[str, int]:
+    """Over how many edits each optional probe score of :func:`aggregate` is averaged (present ones only)."""
+    from odedit_hf.data import EditScores
+
+    scores = [getattr(r, which) for r in results]
+    if any(s is None for s in scores):
+        raise ValueError(f"probe_counts: some results have no {which!r} scores")
+    return EditScores.counts(scores)
 
 
 def _environment(device: str | None) -> dict[str, Any]:
@@ -96,7 +122,9 @@ def build_report(
 
     Keys: ``format``, ``metric_version``, ``method``, ``protocol``, ``seed``, ``batch_size``,
     ``n_edits``, ``locality_modes`` (the mode of each locality key and EasyEdit's k per modality),
-    ``aggregates`` (``post``; ``final`` for sequential, else ``None``), ``timing`` (per-edit wall
+    ``aggregates`` (``post``; ``final`` for sequential, else ``None``; the optional probe scores only
+    where the data has them), ``probe_counts`` (how many edits each present probe score is averaged
+    over; ``{}`` for plain MMEdit data), ``timing`` (per-edit wall
     time median / mean / p90 / max, steps, peak memory, whole-run time), ``rollback`` (hash and
     number of checks, all passed — a failed check raises before any report exists), ``config`` (the
     method's hyperparameters and the run's inputs), ``environment`` and ``edits`` (one row per edit).
@@ -119,6 +147,7 @@ def build_report(
             "easyedit_topk": {"text": EASYEDIT_TEXT_TOPK, "image": EASYEDIT_IMAGE_TOPK},
         },
         "aggregates": {"post": aggregate(results, "post"), "final": final},
+        "probe_counts": probe_counts(results, "post"),
         "timing": {
             "edit_wall_time_s_median": statistics.median(times),
             "edit_wall_time_s_mean": statistics.fmean(times),
@@ -186,27 +215,41 @@ def _nan_to_none(value: Any) -> Any:
 
 
 def format_table(report: Mapping[str, Any]) -> str:
-    """The summary table of a report, as printed by ``odedit-hf edit`` (plain text, fixed width)."""
+    """The summary table of a report, as printed by ``odedit-hf edit`` (plain text, fixed width).
+
+    The optional probe rows (``portability`` acc / EM, ``unit`` generality / consistency,
+    ``hard_t_locality`` and ``hard_m_locality`` answer / easyedit) appear only when the report has them.
+    """
     post = report["aggregates"]["post"]
     final = report["aggregates"].get("final")
+    sources = [post] + ([final] if final is not None else [])
     cols = ["post"] + (["final"] if final is not None else [])
     header = (
         f"method {report['method']} | protocol {report['protocol']} | {report['n_edits']} edits | "
         f"seed {report['seed']} | metric v{report['metric_version']}"
     )
+
+    def present(keys: tuple[str, str]) -> bool:
+        return all(k in src for k in keys for src in sources)
+
+    accuracy_rows = [(acc, (acc, em)) for acc, em in _ACCURACY_ROWS]
+    accuracy_rows += [(name, keys) for name, keys in _PROBE_ACCURACY_ROWS if present(keys)]
+    locality_rows = [(a, (a, e)) for a, e in _LOCALITY_ROWS]
+    locality_rows += [(a, (a, e)) for a, e in _PROBE_LOCALITY_ROWS if present((a, e))]
+    label = max(14, *(len(name) + 1 for name, _ in accuracy_rows + locality_rows))
+    width = label + 26 * len(cols)
     lines = [header, ""]
-    width = 14 + 26 * len(cols)
-    lines.append(f"{'metric':<14}" + "".join(f"{c + ': acc / EM':>26}" for c in cols))
+    lines.append(f"{'metric':<{label}}" + "".join(f"{c + ': acc / EM':>26}" for c in cols))
     lines.append("-" * width)
-    for acc, em in _ACCURACY_ROWS:
-        cells = [f"{src[acc]:.4f} / {src[em]:.4f}" for src in [post] + ([final] if final else [])]
-        lines.append(f"{acc:<14}" + "".join(f"{c:>26}" for c in cells))
+    for name, (a, b) in accuracy_rows:
+        cells = [f"{src[a]:.4f} / {src[b]:.4f}" for src in sources]
+        lines.append(f"{name:<{label}}" + "".join(f"{c:>26}" for c in cells))
     lines.append("")
-    lines.append(f"{'locality':<14}" + "".join(f"{c + ': answer / easyedit':>26}" for c in cols))
+    lines.append(f"{'locality':<{label}}" + "".join(f"{c + ': answer / easyedit':>26}" for c in cols))
     lines.append("-" * width)
-    for answer, easy in _LOCALITY_ROWS:
-        cells = [f"{src[answer]:.4f} / {src[easy]:.4f}" for src in [post] + ([final] if final else [])]
-        lines.append(f"{answer:<14}" + "".join(f"{c:>26}" for c in cells))
+    for name, (a, b) in locality_rows:
+        cells = [f"{src[a]:.4f} / {src[b]:.4f}" for src in sources]
+        lines.append(f"{name:<{label}}" + "".join(f"{c:>26}" for c in cells))
     timing = report["timing"]
     topk = report["locality_modes"]["easyedit_topk"]
     lines.append("")
@@ -219,6 +262,13 @@ def format_table(report: Mapping[str, Any]) -> str:
         f"locality: answer = top-1 agreement on the answer tokens; easyedit = all positions, "
         f"top-{topk['text']} text / top-{topk['image']} image"
     )
+    counts = report.get("probe_counts") or {}
+    if counts:
+        lines.append(
+            "probes: portability = token accuracy / EM on the edit's consequences; unit = mean token "
+            "accuracy / all members exactly right; hard_* = a look-alike entity; edits with each: "
+            + ", ".join(f"{k} {v}" for k, v in counts.items() if not k.endswith(("_em", "_easyedit")))
+        )
     lines.append(
         f"rollback: base-weight hash {report['rollback']['base_weights_hash']} checked "
         f"{report['rollback']['checks']} times, all equal"

@@ -4,6 +4,12 @@ The result is a folder ``root`` holding ``model/`` (``save_pretrained`` of the t
 processor: ``from_pretrained`` loads it like any Hub model), ``data/`` (MMEdit files and PNGs, see
 :mod:`~odedit_hf.data.world.export`) and ``world_info.json`` (version, seed, preset, measured
 accuracies, build time).
+
+The model depends on the world's *content* only (:data:`~odedit_hf.data.world.spec.CONTENT_VERSION`,
+preset, seed), not on what else the export writes. So when the cache already holds a world of another
+version with the same content (e.g. version 3 beside version 4, which only added probe fields), a
+build copies that world's model instead of training it again, re-measures the accuracies on the copy
+and keeps it only if they equal the ones recorded with it (else it trains from scratch).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from .cache import INFO_FILE, read_info, world_dir
 from .export import HELDOUT_RENDERING_BASE, ExportedFiles, export_world, write_bytes_atomic
 from .spec import (
     CAPTION_RELATION,
+    CONTENT_VERSION,
     EDIT_RELATIONS,
     PERCEPTION_RELATIONS,
     TEXT_RELATIONS,
@@ -37,7 +44,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ACCURACY_KEYS", "DEFAULT_THREADS", "World", "build_world", "measure_accuracies"]
+__all__ = [
+    "ACCURACY_KEYS",
+    "DEFAULT_THREADS",
+    "World",
+    "build_world",
+    "find_model_donor",
+    "measure_accuracies",
+]
 
 #: Torch CPU threads a build uses by default (capped at the CPU count): the tiny preset's 5-minute
 #: budget is measured on a 2-core machine using both cores.
@@ -229,6 +243,101 @@ def measure_accuracies(backbone: Backbone, world: WorldSpec, files: ExportedFile
     return out
 
 
+def _content_version(info: dict) -> str:
+    # worlds before version 4 seeded their generators with the world version: it was their content version
+    return str(info.get("content_version", info.get("world_version")))
+
+
+def find_model_donor(root: str, preset: str, seed: int) -> str | None:
+    """A complete world beside ``root`` (same parent folder) of the same preset, seed and content version
+    but another world version, whose model a build of ``root`` can copy; ``None`` if there is none."""
+    parent = os.path.dirname(os.path.abspath(root))
+    if not os.path.isdir(parent):
+        return None
+    prefix = f"{preset}-seed{seed}-v"
+    for name in sorted(os.listdir(parent)):
+        candidate = os.path.join(parent, name)
+        if not name.startswith(prefix) or candidate == os.path.abspath(root):
+            continue
+        try:
+            info = read_info(candidate) if os.path.isdir(candidate) else None
+        except (ValueError, OSError):
+            continue
+        if (
+            info is not None
+            and info.get("preset") == preset
+            and info.get("seed") == seed
+            and info.get("world_version") != WORLD_VERSION
+            and _content_version(info) == CONTENT_VERSION
+            and os.path.isfile(os.path.join(candidate, "model", "config.json"))
+            and isinstance(info.get("accuracies"), dict)
+        ):
+            return candidate
+    return None
+
+
+def _reuse_model(root: str, donor: str, world: WorldSpec, threads: int) -> dict[str, Any] | None:
+    """Export the data, copy ``donor``'s model and re-measure it; the info, or ``None`` if it disagrees."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from odedit_hf.backbones import Backbone
+
+    start = time.perf_counter()
+    donor_info = read_info(donor) or {}
+    timings: dict[str, float] = {}
+    files = export_world(world, os.path.join(root, "data"))
+    timings["export"] = time.perf_counter() - start
+    t = time.perf_counter()
+    model_dir = os.path.join(root, "model")
+    shutil.copytree(os.path.join(donor, "model"), model_dir)
+    timings["copy_model"] = time.perf_counter() - t
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t = time.perf_counter()
+        saved = LlavaForConditionalGeneration.from_pretrained(model_dir)
+        accuracies = measure_accuracies(
+            Backbone(saved, AutoProcessor.from_pretrained(model_dir)), world, files
+        )
+        timings["evaluate"] = time.perf_counter() - t
+    finally:
+        torch.set_num_threads(previous_threads)
+    recorded = {k: float(v) for k, v in donor_info["accuracies"].items()}
+    if accuracies != recorded:
+        diff = {k: (recorded.get(k), v) for k, v in accuracies.items() if recorded.get(k) != v}
+        logger.warning(
+            "world %s/seed %d: the model copied from %s measures differently from what it recorded %s; "
+            "training from scratch instead",
+            world.preset.name,
+            world.seed,
+            donor,
+            diff,
+        )
+        return None
+    logger.info(
+        "world %s/seed %d: model copied from %s (same content version)", world.preset.name, world.seed, donor
+    )
+    return {
+        "world_version": WORLD_VERSION,
+        "content_version": CONTENT_VERSION,
+        "preset": world.preset.name,
+        "seed": world.seed,
+        "accuracies": accuracies,
+        "train_loss": donor_info.get("train_loss"),
+        "train_steps": donor_info.get("train_steps"),
+        "timings": timings,
+        "threads": threads,
+        "build_seconds": time.perf_counter() - start,
+        "model_from": {
+            "root": donor,
+            "world_version": donor_info.get("world_version"),
+            "build_seconds": donor_info.get("build_seconds"),
+            "timings": donor_info.get("timings"),
+        },
+    }
+
+
 def _build_into(root: str, world: WorldSpec, *, progress: bool, threads: int) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -309,6 +418,7 @@ def _build_into(root: str, world: WorldSpec, *, progress: bool, threads: int) ->
         torch.set_num_threads(previous_threads)
     return {
         "world_version": WORLD_VERSION,
+        "content_version": CONTENT_VERSION,
         "preset": p.name,
         "seed": world.seed,
         "accuracies": accuracies,
@@ -328,6 +438,7 @@ def build_world(
     progress: bool = True,
     *,
     threads: int | None = None,
+    reuse_model: bool = True,
 ) -> World:
     """Build the embedded world (or load it from its cache folder) and return its :class:`World`.
 
@@ -344,6 +455,11 @@ def build_world(
             :data:`DEFAULT_THREADS` capped at the CPU count. On the 2-core reference machine, when idle, a
             training step of the tiny preset takes 1.7x less time on 2 threads than on 1; on a machine
             busy with other jobs, 1 thread is the safer choice.
+        reuse_model: when ``out``'s folder holds, beside it, a world of the same preset, seed and content
+            version but another world version (:func:`find_model_donor`), copy its model instead of
+            training one (it is the model this build would train); the accuracies are re-measured and
+            must equal the recorded ones, else the model is trained. ``world_info.json`` then says
+            ``model_from``. Never with ``force`` (a forced build trains).
 
     Raises:
         ValueError: unknown preset, bad seed, or ``out`` holding something that is not a world.
@@ -355,6 +471,8 @@ def build_world(
         threads = min(DEFAULT_THREADS, os.cpu_count() or 1)
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise ValueError(f"build_world: threads must be a positive int, got {threads!r}")
+    if not isinstance(reuse_model, bool):
+        raise ValueError(f"build_world: reuse_model must be a bool, got {reuse_model!r}")
     root = os.path.abspath(os.fspath(out)) if out is not None else world_dir(p.name, seed)
     if not force:
         info = read_info(root) if os.path.isdir(root) else None
@@ -379,7 +497,13 @@ def build_world(
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}-building-", dir=parent)
     try:
         logger.info("building world %s/seed %d in %s", p.name, seed, root)
-        info = _build_into(tmp, world, progress=progress, threads=threads)
+        donor = find_model_donor(root, p.name, seed) if reuse_model and not force else None
+        info = _reuse_model(tmp, donor, world, threads) if donor is not None else None
+        if info is None:
+            if donor is not None:  # the copy disagreed: start again from an empty folder
+                shutil.rmtree(tmp)
+                os.makedirs(tmp)
+            info = _build_into(tmp, world, progress=progress, threads=threads)
         write_bytes_atomic(os.path.join(tmp, INFO_FILE), (json.dumps(info, indent=1) + "\n").encode())
         if os.path.isdir(root):
             shutil.rmtree(root)

@@ -25,6 +25,7 @@ __all__ = [
     "PERCEPTION_RELATIONS",
     "PRESETS",
     "RELATIONS",
+    "CONTENT_VERSION",
     "TEXT_RELATIONS",
     "VISUAL_RELATIONS",
     "WORLD_VERSION",
@@ -36,9 +37,14 @@ __all__ = [
     "get_preset",
 ]
 
-#: Bump whenever anything that changes the generated files or the trained model changes: it enters the
-#: cache key, so a cached world from older code is never reused.
-WORLD_VERSION = "3"
+#: Version of the world's *content*: the entities, their facts, the templates, the eleven MMEdit fields of
+#: every record and hence the trained model. It seeds the generators, so bumping it redraws the world (and
+#: retrains the model). Bump it whenever the generated world or the model's training changes.
+CONTENT_VERSION = "3"
+#: Version of the built world as a whole (the cache key): bumps with :data:`CONTENT_VERSION` and whenever
+#: the exported files gain anything. 4 = content 3 plus the probe fields (portability, hard-negative
+#: locality, knowledge units); a cached world from older code is never reused as such.
+WORLD_VERSION = "4"
 
 SHAPES: tuple[str, ...] = ("dome", "square", "triangle", "cross", "star", "ring")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -307,7 +313,7 @@ def generate_world(preset: str | WorldPreset = "tiny", seed: int = 0) -> WorldSp
     p = get_preset(preset)
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"generate_world: seed must be a non-negative int, got {seed!r}")
-    rng = random.Random(f"odedit-hf-world/{WORLD_VERSION}/{p.name}/{seed}")
+    rng = random.Random(f"odedit-hf-world/{CONTENT_VERSION}/{p.name}/{seed}")
 
     combos = [
         (shape, colour, pattern, accent)
