@@ -21,7 +21,7 @@ class _CountingFTL(FTLMethod):
         return {"l2": 0.0 * sum((d**2).sum() for d in deltas)}
 
 
-def _trainer(tmp_path, requests, editor):  # noqa: ANN001, ANN202
+def _trainer(tmp_path, requests, editor):  # noqa: ANN001, ANN202, F811
     from peft import get_peft_model
 
     from odedit_hf.editing import get_method
@@ -48,7 +48,7 @@ def _trainer(tmp_path, requests, editor):  # noqa: ANN001, ANN202
     return trainer, peft_model
 
 
-def test_the_trainer_applies_the_layers_post_step_constraint(requests, tmp_path) -> None:  # noqa: ANN001
+def test_the_trainer_applies_the_layers_post_step_constraint(requests, tmp_path) -> None:  # noqa: ANN001, F811
     bound = 1e-3
     trainer, peft_model = _trainer(tmp_path, requests, FTLMethod(norm_constraint=bound))
     trainer.train()
@@ -58,14 +58,14 @@ def test_the_trainer_applies_the_layers_post_step_constraint(requests, tmp_path)
     assert largest > bound / 2, "lr 5e-2 for 4 steps moves entries far past the bound: the clamp did the work"
 
 
-def test_without_the_constraint_the_same_training_goes_past_the_bound(requests, tmp_path) -> None:  # noqa: ANN001
+def test_without_the_constraint_the_same_training_goes_past_the_bound(requests, tmp_path) -> None:  # noqa: ANN001, F811
     trainer, peft_model = _trainer(tmp_path, requests, FTLMethod())
     trainer.train()
     largest = max(p.abs().max().item() for n, p in peft_model.named_parameters() if "ftl_delta" in n)
     assert largest > 1e-2  # so the bound in the test above is binding
 
 
-def test_the_trainer_adds_the_editors_own_loss_terms(requests, tmp_path) -> None:  # noqa: ANN001
+def test_the_trainer_adds_the_editors_own_loss_terms(requests, tmp_path) -> None:  # noqa: ANN001, F811
     editor = _CountingFTL()
     trainer, _ = _trainer(tmp_path, requests, editor)
     trainer.train()
