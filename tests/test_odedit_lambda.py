@@ -311,3 +311,14 @@ def test_config_carries_the_parametrisation_to_the_network() -> None:
         ODEditConfig(editor=LoraConfig(target_modules=["x"]), dual_slack=-0.1)
     with pytest.raises(ValueError, match="must then be > 0"):
         ODEditConfig(editor=LoraConfig(target_modules=["x"]), lambda_param="log", lambda_init=0.0)
+
+
+def test_log_lambda_falls_to_its_floor_and_stays_finite() -> None:
+    net = LambdaNetwork(
+        "sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=0.5, lambda_param="log", dual_slack=1.0
+    )
+    assert net.lambda_min == pytest.approx(5e-4)  # default floor lambda_init / 1000
+    lams = _dual_steps(net, 0.0, 200, lr=0.5)
+    assert lams[-1] == pytest.approx(5e-4, rel=1e-4)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert _dual_steps(net, 3.0, 1)[1] > 1e-3  # and rises again at once when the penalty exceeds the slack
