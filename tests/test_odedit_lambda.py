@@ -151,3 +151,173 @@ def test_sketch_input_has_the_scale_of_one_edit_parameter() -> None:
     u = net.features(theta)
     ratio = float(u.pow(2).mean() / theta[0].pow(2).mean())
     assert u.shape == (64,) and 0.6 < ratio < 1.4
+
+
+# ---------------------------------------------------------------- parametrisations and the dual slack (issue 12)
+PARAMS = ("softplus", "log", "scaled_softplus")
+
+
+def _dual_steps(net: LambdaNetwork, penalty: float, steps: int, lr: float = 0.1) -> list[float]:
+    """λ after each of ``steps`` primal-backward + dual steps at a constant penalty (``loss = R + λ·P``)."""
+    params = _params()
+    opt = torch.optim.SGD(net.parameters(), lr=lr, maximize=True)
+    out = [float(net(params).detach())]
+    for _ in range(steps):
+        loss = torch.tensor(2.0) + net(params) * torch.tensor(penalty)
+        loss.backward()
+        assert dual_step(net, opt)
+        out.append(float(net(params).detach()))
+    return out
+
+
+@pytest.mark.parametrize("lambda_param", PARAMS)
+def test_every_parametrisation_starts_at_lambda_init(lambda_param: str) -> None:
+    net = LambdaNetwork(
+        "sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=0.003, lambda_param=lambda_param
+    )
+    assert float(net(_params()).detach()) == pytest.approx(0.003, rel=1e-5)
+
+
+def test_softplus_hardly_moves_a_small_lambda() -> None:
+    """The issue's measurement: λ_init 1e-3 at P = 10, lr 0.1 moves by ~1e-4 relative per step."""
+    lams = _dual_steps(LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=1e-3), 10.0, 3)
+    assert 1e-3 < lams[-1] < 1.01e-3
+
+
+@pytest.mark.parametrize("lambda_param", ["log", "scaled_softplus"])
+def test_a_dual_step_moves_a_small_lambda_measurably_up(lambda_param: str) -> None:
+    net = LambdaNetwork(
+        "sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=1e-3, lambda_param=lambda_param
+    )
+    lams = _dual_steps(net, 10.0, 1)
+    # log: Δlog λ ≥ lr·P = 1 from the output bias alone; scaled softplus: Δλ/λ_init ≈ 0.5·lr·P = 0.5
+    assert lams[1] > 1.45e-3
+
+
+@pytest.mark.parametrize("lambda_param", PARAMS)
+def test_with_slack_lambda_rises_above_and_falls_below_epsilon(lambda_param: str) -> None:
+    def net() -> LambdaNetwork:
+        return LambdaNetwork(
+            "sketch",
+            22,
+            hidden_size=8,
+            sketch_dim=4,
+            lambda_init=0.5,
+            lambda_param=lambda_param,
+            dual_slack=1.0,
+        )
+
+    up = _dual_steps(net(), 3.0, 3)
+    down = _dual_steps(net(), 0.2, 3)
+    assert all(b > a for a, b in zip(up, up[1:])), up
+    assert all(b < a for a, b in zip(down, down[1:])), down
+    assert up[1] - up[0] > 1e-2 and down[0] - down[1] > 1e-2  # measurable in one step
+    # at P = epsilon the dual objective is flat: λ stays
+    assert _dual_steps(net(), 1.0, 2)[-1] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_log_lambda_moves_by_the_same_factor_whatever_its_scale() -> None:
+    ratios = []
+    for lam0 in (1e-4, 1e-2, 1.0):
+        net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=lam0, lambda_param="log")
+        lams = _dual_steps(net, 2.0, 1)
+        ratios.append(lams[1] / lams[0])
+    assert ratios[0] > 1.2
+    assert ratios[0] == pytest.approx(ratios[1], rel=1e-4) and ratios[1] == pytest.approx(ratios[2], rel=1e-4)
+
+
+@pytest.mark.parametrize("lambda_param", PARAMS)
+def test_a_clamped_lambda_can_come_down_with_the_slack(lambda_param: str) -> None:
+    net = LambdaNetwork(
+        "sketch",
+        22,
+        hidden_size=8,
+        sketch_dim=4,
+        lambda_init=0.5,
+        lambda_max=1.0,
+        lambda_param=lambda_param,
+        dual_slack=1.0,
+    )
+    with torch.no_grad():
+        net.net[4].bias.fill_(20.0)  # far above the clamp
+    assert float(net(_params()).detach()) == pytest.approx(1.0)
+    stuck = _dual_steps(net, 5.0, 1)  # pushed further up: no move
+    assert stuck[1] == pytest.approx(1.0)
+    lams = _dual_steps(net, 0.0, 400, lr=0.5)  # pushed down: the gradient passes the clamp
+    assert lams[-1] < 0.99
+
+
+def test_softplus_without_slack_keeps_the_original_dual_gradient() -> None:
+    """ψ = λ, ε = 0: the dual gradient is the one the primal backward leaves, P·∂λ/∂φ."""
+    params = _params()
+    net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=0.2)
+    with torch.no_grad():
+        net.net[4].weight.normal_(generator=torch.Generator().manual_seed(0))
+    (torch.tensor(1.0) + net(params) * torch.tensor(3.0)).backward()
+    primal = [p.grad.clone() for p in net.parameters()]
+    assert net.dual_backward() == pytest.approx(3.0)
+    for a, b in zip(primal, net.parameters()):
+        assert torch.allclose(a, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_dual_step_divides_the_recorded_signal_by_the_loss_scale() -> None:
+    def run(scale: float) -> list[torch.Tensor]:
+        params = _params()
+        net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=0.2, lambda_param="log")
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, maximize=True)
+        ((torch.tensor(1.0) + net(params) * torch.tensor(3.0)) * scale).backward()
+        dual_step(net, opt, loss_scale=scale)
+        return [p.detach().clone() for p in net.parameters()]
+
+    for a, b in zip(run(1.0), run(1024.0)):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_dual_step_skip_and_non_finite_signal_leave_lambda() -> None:
+    params = _params()
+    net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=0.2, lambda_param="log")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, maximize=True)
+    lam0 = float(net(params).detach())
+    (net(params) * torch.tensor(3.0)).backward()
+    assert not dual_step(net, opt, skip=True)
+    assert net.dual_signal is None and all(p.grad is None for p in net.parameters())
+    (net(params) * torch.tensor(float("inf"))).backward()
+    assert not dual_step(net, opt)
+    assert float(net(params).detach()) == pytest.approx(lam0)
+
+
+def test_lambda_network_rejects_bad_parametrisations() -> None:
+    with pytest.raises(ValueError, match="lambda_param must be one of"):
+        LambdaNetwork("sketch", 22, lambda_param="exp")
+    with pytest.raises(ValueError, match="must be > 0"):
+        LambdaNetwork("sketch", 22, lambda_init=0.0, lambda_param="log")
+    with pytest.raises(ValueError, match="dual_slack must be >= 0"):
+        LambdaNetwork("sketch", 22, dual_slack=-1.0)
+
+
+def test_config_carries_the_parametrisation_to_the_network() -> None:
+    from odedit_hf.odedit import ODEditConfig
+    from odedit_hf.odedit.objective import build_lambda_network
+    from peft import LoraConfig
+
+    config = ODEditConfig(editor=LoraConfig(target_modules=["x"]), lambda_param="log", dual_slack=0.5)
+    assert ODEditConfig(editor=LoraConfig(target_modules=["x"])).lambda_param == "softplus"  # default kept
+    net, opt = build_lambda_network(config, _params(), init_seed=0)
+    assert net.lambda_param == "log" and net.dual_slack == 0.5 and opt is not None
+    with pytest.raises(ValueError, match="lambda_param must be one of"):
+        ODEditConfig(editor=LoraConfig(target_modules=["x"]), lambda_param="exp")
+    with pytest.raises(ValueError, match="dual_slack must be a number >= 0"):
+        ODEditConfig(editor=LoraConfig(target_modules=["x"]), dual_slack=-0.1)
+    with pytest.raises(ValueError, match="must then be > 0"):
+        ODEditConfig(editor=LoraConfig(target_modules=["x"]), lambda_param="log", lambda_init=0.0)
+
+
+def test_log_lambda_falls_to_its_floor_and_stays_finite() -> None:
+    net = LambdaNetwork(
+        "sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=0.5, lambda_param="log", dual_slack=1.0
+    )
+    assert net.lambda_min == pytest.approx(5e-4)  # default floor lambda_init / 1000
+    lams = _dual_steps(net, 0.0, 200, lr=0.5)
+    assert lams[-1] == pytest.approx(5e-4, rel=1e-4)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert _dual_steps(net, 3.0, 1)[1] > 1e-3  # and rises again at once when the penalty exceeds the slack

@@ -52,7 +52,7 @@ def requests(tmp_path_factory):  # noqa: ANN001
     return out
 
 
-def _trainer(tmp_path, requests, **config):  # noqa: ANN001, ANN202
+def _trainer(tmp_path, requests, train_args=None, **config):  # noqa: ANN001, ANN202
     from peft import get_peft_model
 
     from odedit_hf.editors.lora import lora_config_for
@@ -74,6 +74,7 @@ def _trainer(tmp_path, requests, **config):  # noqa: ANN001, ANN202
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
+        **(train_args or {}),
     )
     return ODEditTrainer(model=peft_model, args=args, train_dataset=requests, backbone=backbone), backbone
 
@@ -134,3 +135,99 @@ def test_trainer_rejects_bad_setups(requests, tmp_path) -> None:  # noqa: ANN001
     args = ODEditTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match="must be an ODEditConfig adapter"):
         ODEditTrainer(model=plain, args=args, train_dataset=requests, backbone=backbone)
+
+
+# ---------------------------------------------------------------- mixed precision and replicas (issue 12)
+class _FakeScaler:
+    """The parts of ``torch.amp.GradScaler`` accelerate calls, with a fixed scale (a power of two: exact)."""
+
+    def __init__(self, scale: float, overflow: bool = False) -> None:
+        self._scale = scale
+        self.overflow = overflow
+        self._unscaled: set[int] = set()
+        self.skipped = 0
+
+    def is_enabled(self) -> bool:
+        return True
+
+    def get_scale(self) -> float:
+        return self._scale
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self._scale
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        if id(optimizer) in self._unscaled:
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.div_(self._scale)
+        self._unscaled.add(id(optimizer))
+
+    def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        if self.overflow:  # as GradScaler on inf/NaN gradients: no optimiser step
+            self._unscaled.clear()
+            self.skipped += 1
+            return None
+        self.unscale_(optimizer)
+        self._unscaled.clear()
+        return optimizer.step(*args, **kwargs)
+
+    def update(self) -> None:
+        pass
+
+
+def _lambda_state(trainer) -> list[torch.Tensor]:  # noqa: ANN001
+    return [p.detach().clone() for p in trainer.lambda_net.parameters()]
+
+
+def test_trainer_dual_step_unscales_the_penalty_under_a_loss_scaler(requests, tmp_path) -> None:  # noqa: ANN001
+    # no clipping: without fp16 autocast accelerate clips before the (fake) scaler unscales
+    kwargs = {
+        "lambda_lr": 5e-2,
+        "lambda_init": 1.0,
+        "lambda_param": "log",
+        "train_args": {"max_grad_norm": 0.0},
+    }
+    torch.manual_seed(0)  # LoRA's init draws from the global RNG before the Trainer reseeds it
+    plain, _ = _trainer(tmp_path / "plain", requests, **kwargs)
+    plain.train()
+    torch.manual_seed(0)
+    scaled, _ = _trainer(tmp_path / "scaled", requests, **kwargs)
+    scaled.accelerator.scaler = _FakeScaler(1024.0)  # picked up by accelerate's optimizer wrapper in train()
+    scaled.train()
+    assert plain.current_lambda() != pytest.approx(1.0)  # the dual did move λ
+    # the primal steps are the same (the scaler unscales them); so must the dual steps be
+    for a, b in zip(plain._edit_params, scaled._edit_params):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(_lambda_state(plain), _lambda_state(scaled)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert scaled.current_lambda() == pytest.approx(plain.current_lambda(), rel=1e-5)
+
+
+def test_trainer_skips_the_dual_step_when_the_primal_step_was_skipped(requests, tmp_path) -> None:  # noqa: ANN001
+    trainer, _ = _trainer(tmp_path, requests, lambda_lr=5e-2, lambda_init=1.0)
+    before = _lambda_state(trainer)
+    scaler = _FakeScaler(1024.0, overflow=True)
+    trainer.accelerator.scaler = scaler
+    trainer.train()
+    assert scaler.skipped == 6
+    for a, b in zip(before, _lambda_state(trainer)):
+        assert torch.equal(a, b)
+
+
+def test_trainer_lambda_network_starts_identical_whatever_each_process_rng(
+    requests, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    import transformers.trainer
+
+    # as replicas whose RNG states differ: no Trainer-wide reseed, a different global state per "process"
+    monkeypatch.setattr(transformers.trainer, "set_seed", lambda *a, **k: None)
+    states = []
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        trainer, _ = _trainer(tmp_path / str(rank), requests, lambda_mode="sketch")
+        states.append(_lambda_state(trainer))
+    for a, b in zip(*states):
+        assert torch.equal(a, b)

@@ -8,12 +8,15 @@ from dataclasses import dataclass, field
 from odedit_hf.editing.peft_types import extend_peft_type
 from odedit_hf.editing.wrapper import WrapperConfig
 
+from .lambda_net import LAMBDA_PARAMS
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "GEN_POSITIONS",
     "IRM_ENVIRONMENTS",
     "LAMBDA_MODES",
+    "LAMBDA_PARAMS",
     "LOC_POSITIONS",
     "REPHRASE_KINDS",
     "ODEditConfig",
@@ -84,9 +87,10 @@ class ODEditConfig(WrapperConfig):
             `"all"` = every non-padding text position.
         irm_environments (`tuple[str, ...]`, defaults to `("in_distribution", "neighbours", "ood")`):
             The environments whose omega-derivatives enter the IRM-TV penalty (DESIGN: all three). For
-            ablation: the in-distribution and neighbour terms resist sharpening the new answer (their
-            derivative is E_p[z] - z_y < 0 until the target dominates), the `"ood"` term only asks the
-            locality prompts to keep their pre-edit scale.
+            ablation: the in-distribution and neighbour derivatives are `E_p[z] - z_y = NLL - H(p)`, positive
+            while the target is unlikely (the penalty then helps raise it), negative once the target leads
+            (the penalty then resists sharpening it) and back to 0 as p(target) -> 1; the `"ood"` term,
+            `KL(p0 || p) + H(p0) - H(p)`, only asks the locality prompts to keep their pre-edit scale.
         lambda_mode (`str`, defaults to `"sketch"`):
             Input of the lambda network: `"sketch"` (a fixed random projection of the edit parameters to
             `sketch_dim` numbers, regenerated from `sketch_seed` on the fly, never stored), `"params"` (the
@@ -95,10 +99,13 @@ class ODEditConfig(WrapperConfig):
             embedded tiny world (100 single edits, seeds 0-2) it matched `"params"` in every metric within
             the seed spread at about a third of the time per edit (benchmarks/RESULTS.md).
         lambda_init (`float`, defaults to 0.001):
-            Initial lambda (the network's output bias is set so that softplus gives this value). The penalty
-            resists sharpening the target's logits until the edit saturates (dR/domega < 0 while p(target) < 1),
-            so a large lambda stalls the edit: on the tiny world (20 edits, FT-L) reliability was 0.25 at 0.1,
-            0.95 at 0.01 and 1.0 at 0.001 (see benchmarks/RESULTS.md).
+            Initial lambda (the network's output layer starts at zero weight and a bias giving this value).
+            `dR/domega = E_p[z] - z_y` is positive while the target is unlikely and negative once it leads, so
+            the penalty first helps and then resists sharpening the target; a large lambda slows edits: on an
+            earlier tiny world (20 edits, FT-L) reliability was 0.25 at 0.1, 0.95 at 0.01 and 1.0 at 0.001,
+            and sequential edits took 10.6 steps at 0.1 on world v3 (benchmarks/RESULTS.md, "IRM-TV trace").
+            With `lambda_param="softplus"` the dual step barely moves a small lambda, so 0.001 is in effect a
+            fixed lambda.
         lambda_hidden_size (`int`, defaults to 64):
             Width of the two hidden layers of the 3-layer lambda network.
         sketch_dim (`int`, defaults to 128):
@@ -107,11 +114,29 @@ class ODEditConfig(WrapperConfig):
             Seed of the random projection in `"sketch"` mode.
         lambda_lr (`float`, defaults to 0.1):
             Learning rate of the dual step: plain gradient ascent (SGD, ``maximize=True``) on the lambda
-            network, so lambda rises in proportion to the penalty that remains.
+            network's dual objective `psi * (P - dual_slack)` (see `lambda_param`), so lambda moves in
+            proportion to the penalty that remains above the slack.
+        lambda_param (`str`, defaults to `"softplus"`):
+            How the network output `out` gives lambda, and the coordinate `psi` its dual step ascends:
+            `"softplus"` (lambda = Softplus(out), psi = lambda; the original: on Softplus's flat end a step
+            changes lambda by about `lambda_lr * P * lambda^2`, so a small `lambda_init` hardly moves),
+            `"log"` (lambda = lambda_init * exp(out), psi = out: the step changes log(lambda) by about
+            `lambda_lr * (P - dual_slack)` whatever lambda is; the clamp `lambda_max` acts in log space) or
+            `"scaled_softplus"` (lambda = lambda_init * Softplus(out) / log(2), psi = lambda / lambda_init:
+            the step changes lambda by about `0.5 * lambda_lr * (P - dual_slack) * lambda_init` at the start,
+            and lambda can fall to 0). The last two need `lambda_init > 0`.
+        dual_slack (`float`, defaults to 0.0):
+            The slack epsilon of the dual objective `psi * (P - epsilon)`: lambda rises while the penalty is
+            above epsilon and falls while it is below. 0 keeps the original `lambda * P`, which (P >= 0) can
+            only raise lambda.
         lambda_max (`float`, *optional*, defaults to 10.0):
             Upper clamp of lambda; `None` leaves it free. Ascent on a 3-layer network compounds (every layer's
             step scales the others' gradients): free, lambda reached inf within 13 steps of an edit on the
             tiny LLaVA at lambda_lr=1.
+        lambda_min (`float`, *optional*):
+            Lower clamp of lambda; `None`: `lambda_init / 1000` with `lambda_param="log"` (whose dual gradient
+            does not fade as lambda falls: unbounded, a long fall below the slack runs the lambda network's
+            weights to inf), none otherwise. At either clamp the dual step only moves lambda back inside.
         kernel_backend (`str`, defaults to `"auto"`):
             Backend of the fused kernels (`"auto"`, `"triton"`, `"torch"`).
     """
@@ -142,13 +167,18 @@ class ODEditConfig(WrapperConfig):
     sketch_seed: int = field(default=0, metadata={"help": "Sketch seed."})
     lambda_lr: float = field(default=0.1, metadata={"help": "Dual learning rate."})
     lambda_max: float | None = field(default=10.0, metadata={"help": "Upper clamp of lambda."})
+    lambda_param: str = field(default="softplus", metadata={"help": "softplus | log | scaled_softplus."})
+    dual_slack: float = field(
+        default=0.0, metadata={"help": "Slack epsilon of the dual: lambda * (P - eps)."}
+    )
+    lambda_min: float | None = field(default=None, metadata={"help": "Lower clamp of lambda."})
     kernel_backend: str = field(default="auto", metadata={"help": "auto | triton | torch."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = extend_peft_type("ODEDIT")
         where = "ODEditConfig"
-        for name in ("alpha", "beta", "lambda_init", "lambda_lr"):
+        for name in ("alpha", "beta", "lambda_init", "lambda_lr", "dual_slack"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{where}.{name} must be a number >= 0, got {value!r}")
@@ -182,6 +212,7 @@ class ODEditConfig(WrapperConfig):
             ("gen_positions", GEN_POSITIONS),
             ("loc_positions", LOC_POSITIONS),
             ("lambda_mode", LAMBDA_MODES),
+            ("lambda_param", LAMBDA_PARAMS),
             ("kernel_backend", KERNEL_BACKENDS),
         ):
             if getattr(self, name) not in allowed:
@@ -197,6 +228,24 @@ class ODEditConfig(WrapperConfig):
             if not self.mmd_bandwidths or any(s <= 0 for s in self.mmd_bandwidths):
                 raise ValueError(
                     f"{where}.mmd_bandwidths must be numbers > 0 (or None), got {self.mmd_bandwidths}"
+                )
+        if (
+            self.lambda_param != "softplus"
+            and self.lambda_mode != "fixed"
+            and self.irm_penalty
+            and not self.lambda_init > 0
+        ):
+            raise ValueError(
+                f"{where}.lambda_param={self.lambda_param!r} scales lambda_init, which must then be > 0 (got "
+                f"{self.lambda_init}); set lambda_param='softplus', or irm_penalty=False for no penalty"
+            )
+        if self.lambda_min is not None:
+            if isinstance(self.lambda_min, bool) or not isinstance(self.lambda_min, (int, float)):
+                raise ValueError(f"{where}.lambda_min must be a number or None, got {self.lambda_min!r}")
+            self.lambda_min = float(self.lambda_min)
+            if not 0 <= self.lambda_min <= self.lambda_init:
+                raise ValueError(
+                    f"{where}.lambda_min={self.lambda_min} must be between 0 and lambda_init={self.lambda_init}"
                 )
         if self.lambda_max is not None:
             self.lambda_max = float(self.lambda_max)

@@ -230,23 +230,52 @@ class ODEditObjective:
 
 
 def dual_step(
-    lambda_net: LambdaNetwork, optimizer: torch.optim.Optimizer | None, *, reduce: Any | None = None
-) -> None:
-    """Gradient *ascent* on the λ-network with the gradients left by the primal backward, then clear them.
+    lambda_net: LambdaNetwork,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    reduce: Any | None = None,
+    penalty: float | torch.Tensor | None = None,
+    loss_scale: float = 1.0,
+    skip: bool = False,
+) -> bool:
+    """Gradient *ascent* on the λ-network's dual objective ``ψ · (P − ε)``, then clear its gradients.
+
+    ``P`` is the ``∂loss/∂λ`` the λ-network recorded during the primal backward(s) since the last dual step
+    (``P`` itself for ``loss = R + λ·P``), divided by ``loss_scale``; see
+    :meth:`~odedit_hf.methods.odedit.lambda_net.LambdaNetwork.dual_backward` for ψ and ε (``dual_slack``).
 
     Args:
-        lambda_net: the λ-network (its ``.grad`` filled by ``loss.backward()``).
-        optimizer: its optimiser, built with ``maximize=True`` (SGD: gradient ascent) (``None`` in ``fixed`` mode: nothing to do).
-        reduce: optional ``reduce(tensor) -> tensor`` averaging gradients across processes (multi-GPU).
+        lambda_net: the λ-network (its last forward fed the primal loss).
+        optimizer: its optimiser, built with ``maximize=True`` (SGD: gradient ascent) (``None`` in ``fixed``
+            mode: nothing to do).
+        reduce: optional ``reduce(tensor) -> tensor`` averaging gradients across processes (multi-GPU). Every
+            process then steps, with zero gradients where it had nothing to ascend on, so that the collective
+            calls match.
+        penalty: ``P`` to use instead of the recorded signal.
+        loss_scale: the factor the primal loss was multiplied by before its backward (a mixed-precision
+            ``GradScaler``'s scale): the recorded signal is divided by it.
+        skip: do not step (the primal step was skipped, e.g. for inf/NaN gradients under a loss scaler): the
+            record and the gradients are dropped.
+
+    Returns:
+        Whether the optimiser stepped.
     """
     if optimizer is None or lambda_net.net is None:
-        return
+        return False
+    if skip:
+        lambda_net.clear_dual_record()
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    used = lambda_net.dual_backward(penalty=penalty, loss_scale=loss_scale)
     if reduce is not None:
         for p in lambda_net.parameters():
-            if p.grad is not None:
-                p.grad = reduce(p.grad)
+            p.grad = reduce(torch.zeros_like(p) if p.grad is None else p.grad)
+    elif used is None:
+        optimizer.zero_grad(set_to_none=True)
+        return False
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return True
 
 
 def build_lambda_network(
@@ -260,7 +289,8 @@ def build_lambda_network(
 
     ``init_seed`` seeds its initial weights; ``None`` draws one from torch's global generator (which the
     protocols seed per run), so runs with different seeds start the dual from different networks while
-    the sketch projection stays the one ``config.sketch_seed`` fixes.
+    the sketch projection stays the one ``config.sketch_seed`` fixes. Several processes that must hold the
+    same network (multi-GPU) pass a seed they share.
     """
     from .lambda_net import LambdaNetwork
 
@@ -276,11 +306,14 @@ def build_lambda_network(
         seed=config.sketch_seed,
         lambda_init=config.lambda_init,
         lambda_max=config.lambda_max,
+        lambda_min=config.lambda_min,
         init_seed=init_seed,
+        lambda_param=config.lambda_param,
+        dual_slack=config.dual_slack,
         device=device,
     )
     if net.net is None:
         return net, None
-    # plain gradient ascent: the step is proportional to the penalty P (an Adam step would raise lambda at a
+    # plain gradient ascent: the step is proportional to P - epsilon (an Adam step would move lambda at a
     # constant pace whatever P is, 1 -> 1e3 in 30 steps on the tiny world)
     return net, torch.optim.SGD(net.parameters(), lr=config.lambda_lr, maximize=True)

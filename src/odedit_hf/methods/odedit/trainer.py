@@ -4,8 +4,12 @@ The Trainer runs the primal step (its optimiser on the edit parameters, with its
 gradient accumulation, clipping, mixed precision and multi-GPU through accelerate);
 :meth:`ODEditTrainer.compute_loss` is the very objective of the per-edit loop
 (:class:`~odedit_hf.methods.odedit.objective.ODEditObjective`); the dual step (gradient ascent on the
-λ-network, its own Adam with ``maximize=True``) runs right after each primal optimiser step, from a
-callback, with the λ-network's gradients averaged across processes.
+λ-network, its own plain SGD with ``maximize=True``) runs right after each primal optimiser step, from a
+callback, with the λ-network's gradients averaged across processes. Under fp16 mixed precision the
+loss is multiplied by the ``GradScaler``'s scale before the backward: the dual step divides the
+penalty signal it recorded by that scale, and it is skipped whenever the scaler skipped the primal step
+(inf/NaN gradients). The λ-network's initial weights are seeded from ``TrainingArguments.seed``, so every
+process starts from the same network.
 
 The train dataset is a sequence of :class:`~odedit_hf.data.EditRequest`; a batch of ``k`` requests is
 one batch edit. The λ-network is training state, not part of the edit: the saved adapter (a checkpoint
@@ -103,6 +107,10 @@ class _DualStepCallback(TrainerCallback):
     def __init__(self, trainer: ODEditTrainer) -> None:
         self.trainer = trainer
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback API
+        # the scale every backward of this step used (the scaler may change it inside the optimiser step)
+        self.trainer._loss_scale = self.trainer.loss_scale()
+
     def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback API
         self.trainer.dual_step()
 
@@ -179,9 +187,11 @@ class ODEditTrainer(Trainer):
             import dataclasses
 
             config = dataclasses.replace(peft_config, lambda_lr=args.lambda_learning_rate)
+        # seeded from the run's seed, which every process shares (not from each process's RNG state)
         self.lambda_net, self.dual_optimizer = build_lambda_network(
-            config, self._edit_params, device=args.device
+            config, self._edit_params, device=args.device, init_seed=args.seed
         )
+        self._loss_scale: float | None = None
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
         self.add_callback(_DualStepCallback(self))
@@ -227,15 +237,34 @@ class ODEditTrainer(Trainer):
         self._term_count += 1
         return (terms.total, terms) if return_outputs else terms.total
 
-    def dual_step(self) -> None:
-        """Ascend the λ-network on the gradients the primal backward left (averaged across processes)."""
+    def loss_scale(self) -> float:
+        """The mixed-precision loss scale the backward multiplies the loss by (1.0 without a scaler)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        return float(scaler.get_scale())
+
+    def dual_step(self) -> bool:
+        """Ascend the λ-network on the penalty signal of the primal backward (averaged across processes).
+
+        The signal is divided by the loss scale of the step; nothing moves when the primal optimiser step was
+        skipped (a loss scaler found inf/NaN gradients). Returns whether the dual optimiser stepped.
+        """
         reduce = None
         if self.accelerator.num_processes > 1:
 
             def reduce(t: torch.Tensor) -> torch.Tensor:
                 return self.accelerator.reduce(t, reduction="mean")
 
-        dual_step(self.lambda_net, self.dual_optimizer, reduce=reduce)
+        scale = self._loss_scale if self._loss_scale is not None else self.loss_scale()
+        self._loss_scale = None
+        return dual_step(
+            self.lambda_net,
+            self.dual_optimizer,
+            reduce=reduce,
+            loss_scale=scale,
+            skip=bool(self.accelerator.optimizer_step_was_skipped),
+        )
 
     def current_lambda(self) -> float:
         """λ for the current edit parameters."""
