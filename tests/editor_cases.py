@@ -49,6 +49,16 @@ EDITOR_CASES: list[EditorCase] = [
         "ftl_",
         exact_unmerge=True,
     ),
+    EditorCase(
+        "grace-llava",
+        "llava",
+        "grace",
+        {"steps": 10},
+        "GRACE",
+        "grace_",
+        merge=False,
+        keeps_earlier_edits=True,
+    ),
 ]
 
 #: Wrapper methods crossed with every wrappable editor row: (name, options of the wrapper).
