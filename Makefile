@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench mutation clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	bash scripts/bootstrap.sh $(PY) $(VENV)
@@ -26,5 +26,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.kernels
 
+# Mutation testing of the modules listed under [tool.mutmut] in pyproject.toml (slow: not in CI).
+# One module: make mutation MUTANTS='odedit_hf.evaluation.metrics*'; results: $(BIN)/mutmut results.
+MUTANTS ?=
+mutation: $(STAMP)
+	$(BIN)/pip install -q -e '.[mutation]'
+	PYTHONPATH=$(CURDIR)/kernels OMP_NUM_THREADS=1 HYPOTHESIS_PROFILE=mutation $(BIN)/mutmut run $(MUTANTS)
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info mutants

@@ -102,31 +102,53 @@ def test_lambda_network_checks_its_input_size() -> None:
         LambdaNetwork("dense", 10)
 
 
+def _library_dual(mode: str, params: list[torch.nn.Parameter], **options):  # noqa: ANN202
+    """The λ-network and dual optimiser exactly as ODEdit builds them (``build_lambda_network``)."""
+    from peft import LoraConfig
+
+    from odedit_hf.methods.odedit import ODEditConfig
+    from odedit_hf.methods.odedit.objective import build_lambda_network
+
+    config = ODEditConfig(
+        editor=LoraConfig(target_modules=["q_proj"]),
+        lambda_mode=mode,
+        lambda_hidden_size=8,
+        sketch_dim=4,
+        **options,
+    )
+    return build_lambda_network(config, params, init_seed=0)
+
+
 @pytest.mark.parametrize("mode", ["params", "sketch"])
-def test_dual_step_raises_lambda_when_the_penalty_is_positive(mode: str) -> None:
+def test_dual_step_raises_lambda_in_proportion_to_the_penalty(mode: str) -> None:
+    """The library's dual optimiser is plain gradient *ascent*: λ rises, by a step proportional to P
+    (an Adam dual would rise by the same amount whatever P; a descent would lower λ)."""
     params = _params()
-    n = sum(p.numel() for p in params)
-    net = LambdaNetwork(mode, n, hidden_size=8, sketch_dim=4, seed=0, lambda_init=1.0)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2, maximize=True)
-    penalty = torch.tensor(0.3)
-    lam0 = float(net(params))
-    for _ in range(5):
+    rises = []
+    for penalty in (0.01, 0.02):
+        net, opt = _library_dual(mode, params, lambda_init=1.0, lambda_lr=0.1)
+        assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.1
+        lam0 = float(net(params))
         loss = torch.tensor(2.0) + net(params) * penalty  # R + lambda * P
         loss.backward()
         dual_step(net, opt)
-    assert float(net(params)) > lam0 + 1e-3
-    # gradients were consumed
-    assert all(p.grad is None for p in net.parameters())
+        assert all(p.grad is None for p in net.parameters())  # gradients consumed
+        rises.append(float(net(params)) - lam0)
+    assert rises[0] > 1e-5, rises
+    assert rises[1] / rises[0] == pytest.approx(2.0, rel=0.02)
 
 
-def test_dual_step_leaves_lambda_when_the_penalty_is_zero() -> None:
+def test_dual_step_leaves_lambda_when_the_penalty_is_zero_or_lambda_is_fixed() -> None:
     params = _params()
-    net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4)
-    opt = torch.optim.SGD(net.parameters(), lr=1.0, maximize=True)
+    net, opt = _library_dual("sketch", params, lambda_init=0.5, lambda_lr=1.0)
     lam0 = float(net(params))
     (net(params) * torch.tensor(0.0)).backward()
     dual_step(net, opt)
-    assert float(net(params)) == pytest.approx(lam0)
+    assert float(net(params)) == pytest.approx(lam0, rel=1e-7)
+    fixed, none = _library_dual("fixed", params, lambda_init=0.5)
+    assert none is None
+    dual_step(fixed, none)
+    assert float(fixed(params)) == pytest.approx(0.5)
 
 
 def test_lambda_max_clamps() -> None:

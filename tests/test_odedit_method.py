@@ -111,28 +111,51 @@ def test_edit_lowers_the_reliability_risk_and_keeps_the_base(kind: str, lambda_m
     assert method.name == f"odedit+{method.editor.name}"
 
 
-def test_the_loop_uses_the_same_objective_as_the_trainer(requests) -> None:  # noqa: ANN001
-    """One manual step of ODEditObjective reproduces the method's first loss."""
-    from odedit_hf.methods.odedit.objective import ODEditObjective, build_lambda_network
+def test_the_loop_uses_the_same_objective_as_the_trainer(requests, tmp_path) -> None:  # noqa: ANN001
+    """The per-edit loop's first loss equals ``ODEditTrainer.compute_loss`` on an identical model and
+    batch; the adapter is not the identity, so ``R_loc``, ``R_gen`` and ``λ·P`` all enter both."""
+    from peft import get_peft_model
 
-    backbone = _backbone()
-    method = ODEditMethod(_editor("lora", steps=1), objective={"lambda_mode": "sketch"})
-    peft_model, _, _ = _wrap(method, backbone)
-    config = peft_model.peft_config["default"]
-    objective = ODEditObjective(config, backbone)
-    batch = build_edit_batch(backbone, requests, config)
-    with peft_model.disable_adapter():
-        objective.prepare(backbone.forward, batch)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    net, _ = build_lambda_network(config, params)
+    from odedit_hf.methods.odedit import ODEditTrainer, ODEditTrainingArguments
+
+    method = ODEditMethod(
+        _editor("lora", steps=1), objective={"lambda_mode": "sketch", "alpha": 0.5, "lambda_init": 0.2}
+    )
+    models = []
+    for _ in range(2):  # two identical models: one for the loop, one for the Trainer
+        backbone = _backbone()
+        peft_model = get_peft_model(backbone.model, method.peft_config(backbone))
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in peft_model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        models.append((backbone, peft_model))
+    (loop_backbone, loop_model), (trainer_backbone, trainer_model) = models
+    stats = method.edit(loop_model, loop_backbone, requests)
+    args = ODEditTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=len(requests),
+        use_cpu=True,
+        report_to="none",
+    )
+    trainer = ODEditTrainer(
+        model=trainer_model,
+        args=args,
+        train_dataset=requests,
+        backbone=trainer_backbone,
+        editor=method.editor,
+    )
+    trainer_model.eval()
     with torch.no_grad():
-        expected = objective(backbone.forward, batch, net(params))
-    stats = method.edit(peft_model, backbone, requests)
-    assert stats.losses[0] == pytest.approx(float(expected.total), rel=1e-5)
-    # a fresh adapter changes nothing yet: no locality risk, no locality omega-gradient
-    assert float(expected.r_loc) == pytest.approx(0.0, abs=1e-6)
-    assert float(expected.omega_grads["ood"]) == pytest.approx(0.0, abs=1e-6)
-    assert set(expected.omega_grads) == {"in_distribution", "neighbours", "ood"}
+        loss, terms = trainer.compute_loss(
+            trainer_model, trainer.data_collator(requests), return_outputs=True
+        )
+    assert stats.losses[0] == pytest.approx(float(loss), rel=1e-5)
+    floats = terms.as_floats()
+    assert min(floats["r_loc"], floats["r_gen"], floats["penalty"]) > 0, floats
+    assert floats["lambda"] == pytest.approx(0.2, rel=1e-4)
+    assert set(terms.omega_grads) == {"in_distribution", "neighbours", "ood"}
 
 
 @pytest.mark.parametrize(

@@ -82,12 +82,14 @@ def test_single_rolls_back_every_edit_and_returns_the_model_unchanged(backbone, 
     probe = backbone.build_batch([PromptSample("what is the capital of France?", "Paris", tiny_image(0))])
     before = _logits(backbone.model, probe)
     flags = {n: p.requires_grad for n, p in backbone.model.named_parameters()}
-    run = run_protocol("single", FTLMethod(steps=15), backbone, requests_, seed=0)
+    run = run_protocol("single", FTLMethod(steps=15, lr=5e-2), backbone, requests_, seed=0)
     assert [r.case_id for r in run.results] == [0, 1, 2, 3]
     assert run.rollback_checks == len(requests_) + 1  # after every edit, and after unloading
-    assert all(r.protocol == "single" and r.method == "ft" and r.final is None for r in run.results)
+    assert all(r.protocol == "single" and r.method == "ftl" and r.final is None for r in run.results)
     assert all(r.steps > 0 and r.wall_time_s > 0 and r.peak_memory_mb > 0 for r in run.results)
-    assert any(r.post.reliability > 0.5 for r in run.results)
+    # every edit took on the edited model (the base scores 0.0 on these targets, measured), and was
+    # scored before its rollback
+    assert [r.post.reliability for r in run.results] == [1.0, 1.0, 1.0, 1.0]
     assert not hasattr(backbone.model, "peft_config")
     assert torch.equal(_logits(backbone.model, probe), before)
     assert {n: p.requires_grad for n, p in backbone.model.named_parameters()} == flags
@@ -114,21 +116,41 @@ def test_single_raises_when_an_editor_writes_into_the_base(backbone, requests_):
 
 
 def test_sequential_scores_each_edit_after_it_and_on_the_final_model(backbone, requests_):
-    run = run_protocol("sequential", LoRAMethod(steps=20, lr=5e-2), backbone, requests_, seed=0)
+    finals = []
+
+    def score_the_final_model(model):  # called while the adapter holds every edit
+        for request in requests_:
+            reference = locality_reference(model, backbone, request)
+            finals.append(evaluate_request(model, backbone, request, reference).to_dict())
+
+    run = run_protocol(
+        "sequential",
+        LoRAMethod(steps=20, lr=5e-2),
+        backbone,
+        requests_,
+        seed=0,
+        on_adapter=score_the_final_model,
+    )
     assert run.protocol == "sequential" and run.rollback_checks == 2
-    assert all(r.final is not None for r in run.results)
-    last = run.results[-1]
-    # the last edit is scored on the final model in both passes: same model, same numbers
-    assert last.final.to_dict() == pytest.approx(last.post.to_dict())
+    # `final` is every request scored on the model holding all edits (scored here independently)
+    assert [r.final.to_dict() for r in run.results] == finals
     # the same prompt is edited to different answers, so later edits must overwrite earlier ones
     assert run.results[0].final.reliability < run.results[0].post.reliability
 
 
 def test_batch_edits_k_requests_in_one_optimisation(backbone, requests_):
-    run = run_protocol("batch", FTLMethod(steps=10), backbone, requests_, batch_size=3, seed=0)
+    calls = []
+
+    @dataclass
+    class RecordingFT(FTLMethod):
+        def edit(self, peft_model, backbone, requests):
+            calls.append([r.case_id for r in requests])
+            return super().edit(peft_model, backbone, requests)
+
+    run = run_protocol("batch", RecordingFT(steps=10), backbone, requests_, batch_size=3, seed=0)
     assert run.batch_size == 3 and run.rollback_checks == 2 + 1  # two batches, then the unload
-    steps = [r.steps for r in run.results]
-    assert steps[0] == steps[1] == steps[2]  # one optimisation for the first three
+    assert calls == [[0, 1, 2], [3]]  # one optimisation for the first three, one for the last
+    assert [r.case_id for r in run.results] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="batch_size"):
         run_protocol("batch", FTLMethod(), backbone, requests_)
     with pytest.raises(ValueError, match="unknown protocol"):

@@ -356,9 +356,13 @@ def test_training_rows_are_the_prompts_build_batch_makes(micro_world):
         assert batch["labels"][0].tolist() == list(row.labels)
 
 
-def test_cache_hit_is_fast_and_same(micro_world):
-    from odedit_hf.data.world import build_world
+def test_cache_hit_loads_without_building_and_is_the_same(micro_world, monkeypatch):
+    from odedit_hf.data.world import build, build_world
 
+    def no_build(*args, **kwargs):
+        raise AssertionError("a cache hit must not build (generate, train, measure) the world again")
+
+    monkeypatch.setattr(build, "_build_into", no_build)
     again = build_world(preset="micro", seed=0, out=micro_world.root, progress=False)
     assert again.from_cache and again.accuracies == micro_world.accuracies
     with pytest.raises(ValueError, match="holds world"):

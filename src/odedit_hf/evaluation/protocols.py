@@ -421,15 +421,14 @@ def run_batch(
                 on_adapter(model)
             session.snapshot.restore()  # roll back
             session.check(f"after rolling back the edit of case(s) {[r.case_id for r in chunk]}")
-        digest, checks = session.digest, session.checks
     return ProtocolRun(
         method=method.name,
         protocol=_name,
         results=results,
         seed=seed,
         batch_size=batch_size,
-        base_weights_hash=digest,
-        rollback_checks=checks + 1,  # + the check after unloading
+        base_weights_hash=session.digest,
+        rollback_checks=session.checks,  # every check made, the one after unloading included
         stopped_early=stopped,
         wall_time_s=time.perf_counter() - start,
     )
@@ -469,15 +468,14 @@ def run_sequential(
         if on_adapter is not None:
             on_adapter(model)
         session.check(f"after {len(requests)} sequential edits (the base weights must not move)")
-        digest, checks = session.digest, session.checks
     return ProtocolRun(
         method=method.name,
         protocol="sequential",
         results=results,
         seed=seed,
         batch_size=1,
-        base_weights_hash=digest,
-        rollback_checks=checks + 1,
+        base_weights_hash=session.digest,
+        rollback_checks=session.checks,
         stopped_early=stopped,
         wall_time_s=time.perf_counter() - start,
     )

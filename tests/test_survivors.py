@@ -1,0 +1,415 @@
+"""Tests that catch the bugs an audit planted and the rest of the suite let through (issue 20).
+
+Each test names the fault it guards against. All run on the tiny random LLaVA of
+:mod:`odedit_hf.testing` (no world build), with a handful of optimiser steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import odedit_hf  # noqa: F401  (registers the PEFT types)
+from odedit_hf.editing import BaseWeights, RollbackError
+from odedit_hf.editing.rollback import BaseWeights as _BaseWeightsClass
+from odedit_hf.editors.ftl import FTLMethod
+from odedit_hf.evaluation import run_protocol
+
+TEXTS = [
+    "what color is the cube",
+    "which colour has the cube",
+    "what is the capital of france",
+    "what animal is this",
+    "red",
+    "blue",
+    "paris",
+    "cat",
+]
+
+
+@pytest.fixture(scope="module")
+def requests(tmp_path_factory):  # noqa: ANN001, ANN201
+    """Three requests on one prompt with three different new answers (so edits visibly interfere)."""
+    from odedit_hf.data import EditRequest
+    from odedit_hf.testing import tiny_image
+
+    root = tmp_path_factory.mktemp("survivor-images")
+    paths = []
+    for i in range(4):
+        paths.append(os.path.join(root, f"img{i}.png"))
+        tiny_image(20 + i).save(paths[-1])
+    common = {
+        "task": "vqa",
+        "source": "in-memory",
+        "src": "what color is the cube",
+        "pred": "red",
+        "rephrase": "which colour has the cube",
+        "loc": "what is the capital of france",
+        "loc_ans": "paris",
+        "m_loc": paths[3],
+        "m_loc_q": "what animal is this",
+        "m_loc_a": "cat",
+    }
+    return [
+        EditRequest(case_id=i, alt=alt, image=paths[i % 3], image_rephrase=paths[(i + 1) % 3], **common)
+        for i, alt in enumerate(["blue", "paris", "cat"])
+    ]
+
+
+def _backbone():  # noqa: ANN202
+    from odedit_hf.testing import tiny_backbone
+
+    return tiny_backbone("llava", texts=TEXTS)
+
+
+def _ftl(steps: int = 6) -> FTLMethod:
+    return FTLMethod(steps=steps, lr=2e-3, stop_loss=None)
+
+
+def _wrap(method, backbone):  # noqa: ANN001, ANN202
+    from peft import get_peft_model
+
+    return get_peft_model(backbone.model, method.peft_config(backbone))
+
+
+def _perturb_adapter(peft_model, scale: float, seed: int = 0) -> None:  # noqa: ANN001
+    """Give every trainable adapter parameter seeded noise: a non-identity adapter, reproducibly."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def _edit_batch(backbone, requests, config):  # noqa: ANN001, ANN202
+    from odedit_hf.editing.environments import build_edit_batch
+    from odedit_hf.methods.odedit.risks import needed_groups
+
+    return build_edit_batch(backbone, requests, needed_groups(config), num_rephrases=config.num_rephrases)
+
+
+# ------------------------------------------------------------------ (1) protocols reset the adapter
+@pytest.mark.parametrize(("protocol", "batch_size"), [("single", None), ("batch", 2)])
+def test_each_edit_starts_from_a_fresh_adapter(protocol: str, batch_size, requests) -> None:  # noqa: ANN001
+    """The later edit of a run equals the same edit run alone: it never saw the earlier edits.
+
+    Caught fault: the protocols stop restoring the adapter snapshot between edits, so edits pile up.
+    """
+    backbone = _backbone()
+    after_others = run_protocol(protocol, _ftl(), backbone, requests, seed=0, batch_size=batch_size)
+    # batch_size=2 edits [0, 1] together, then [2]: request 2 is last, alone in its optimisation both times
+    alone = run_protocol(protocol, _ftl(), backbone, requests[2:], seed=0, batch_size=batch_size)
+    got, want = after_others.results[-1], alone.results[0]
+    assert got.case_id == want.case_id == 2
+    # same optimisation from the same start: identical loss and scores, to the bit
+    assert got.final_loss == want.final_loss
+    assert got.post.to_dict() == want.post.to_dict()
+    # precondition: an edit that does start from the earlier ones ends elsewhere (so equality is not vacuous)
+    piled = run_protocol("sequential", _ftl(), backbone, requests, seed=0).results[-1]
+    assert piled.final_loss != pytest.approx(want.final_loss, rel=1e-4)
+
+
+# ------------------------------------------------------------------ (2) ODEdit's total
+def test_odedit_total_is_its_documented_composition(requests) -> None:  # noqa: ANN001
+    """``total = R_rel + alpha·R_loc + beta·R_gen + λ·P`` with every term non-zero and distinct weights.
+
+    Caught fault: a sign flipped in the composition (``- alpha·R_loc``), a weight dropped or swapped.
+    """
+    from odedit_hf.methods.odedit import ODEditMethod
+    from odedit_hf.methods.odedit.objective import ODEditObjective
+
+    backbone = _backbone()
+    method = ODEditMethod(_ftl(), objective={"alpha": 0.7, "beta": 0.3})
+    peft_model = _wrap(method, backbone)
+    config = peft_model.peft_config["default"]
+    batch = _edit_batch(backbone, requests[:1], config)
+    objective = ODEditObjective(config, backbone)
+    with peft_model.disable_adapter():
+        objective.prepare(backbone.forward, batch)
+    _perturb_adapter(peft_model, 0.05)  # post-edit model != pre-edit model: R_loc > 0
+    lam = torch.tensor(0.45)
+    with torch.no_grad():
+        terms = objective(backbone.forward, batch, lam)
+    r_rel, r_loc, r_gen, penalty = (float(t) for t in (terms.r_rel, terms.r_loc, terms.r_gen, terms.penalty))
+    assert min(r_rel, r_loc, r_gen, penalty) > 1e-6, (r_rel, r_loc, r_gen, penalty)
+    expected = r_rel + 0.7 * r_loc + 0.3 * r_gen + 0.45 * penalty
+    assert float(terms.total) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    # the composition is sensitive to each term at this tolerance (so a flipped sign cannot pass)
+    for term in (0.7 * r_loc, 0.3 * r_gen, 0.45 * penalty):
+        assert abs(2 * term) > 1e-6 * abs(expected)
+
+
+# ------------------------------------------------------------------ (3) the dual step in the loop
+def test_the_per_edit_loop_moves_lambda_by_dual_ascent(requests, monkeypatch) -> None:  # noqa: ANN001
+    """λ after an edit is above λ before it: the penalty is positive, so the dual ascent raised it.
+
+    Compared on the same final edit parameters, so only the λ-network's own step counts (in
+    ``sketch`` mode λ also moves with the primal parameters).
+    Caught fault: ``PrimalDualObjective.after_optimizer_step`` does nothing (λ never moves).
+    """
+    from odedit_hf.methods.odedit import ODEditMethod
+    from odedit_hf.methods.odedit import method as method_module
+
+    built = []
+    original = method_module.build_lambda_network
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        net, optimizer = original(*args, **kwargs)
+        built.append((net, copy.deepcopy(net), args[1]))
+        return net, optimizer
+
+    monkeypatch.setattr(method_module, "build_lambda_network", spy)
+    backbone = _backbone()
+    method = ODEditMethod(_ftl(steps=4), objective={"lambda_init": 0.5, "lambda_lr": 1.0})
+    peft_model = _wrap(method, backbone)
+    method.edit(peft_model, backbone, requests[:1])
+    assert len(built) == 1
+    net, initial, params = built[0]
+    with torch.no_grad():
+        before, after = float(initial(params)), float(net(params))
+    assert after > before + 1e-3, (before, after)
+
+
+# ------------------------------------------------------------------ (4) MMD bandwidths fixed pre-edit
+def test_mmd_bandwidths_come_from_the_pre_edit_model(requests) -> None:  # noqa: ANN001
+    """``R_gen`` on an edited model uses the bandwidths measured on the pre-edit model.
+
+    The oracle is the documented equivalence: the median heuristic measured before the edit gives the
+    same ``R_gen`` as passing those very bandwidths explicitly (``mmd_bandwidths``).
+    Caught fault: bandwidths recomputed from the current (edited) hidden states at every step.
+    """
+    import dataclasses
+
+    from odedit_hf.methods.odedit import ODEditMethod
+    from odedit_hf.methods.odedit.objective import ODEditObjective
+
+    backbone = _backbone()
+    method = ODEditMethod(_ftl())
+    peft_model = _wrap(method, backbone)
+    config = peft_model.peft_config["default"]
+    batch = _edit_batch(backbone, requests[:1], config)
+    heuristic = ODEditObjective(config, backbone)
+    with peft_model.disable_adapter():
+        heuristic.prepare(backbone.forward, batch)
+    pre_sigmas = heuristic.pre.bandwidths[requests[0].case_id]
+    explicit = ODEditObjective(dataclasses.replace(config, mmd_bandwidths=tuple(pre_sigmas)), backbone)
+    with peft_model.disable_adapter():
+        explicit.prepare(backbone.forward, batch)
+    _perturb_adapter(peft_model, 0.2)  # the edited model's hidden states are spread differently
+    with torch.no_grad():
+        got = float(heuristic(backbone.forward, batch, torch.tensor(0.0)).r_gen)
+        want = float(explicit(backbone.forward, batch, torch.tensor(0.0)).r_gen)
+        # precondition: bandwidths measured on the edited model would give another R_gen
+        post = ODEditObjective(config, backbone)
+        post.prepare(backbone.forward, batch)
+        moved = float(post(backbone.forward, batch, torch.tensor(0.0)).r_gen)
+    assert post.pre.bandwidths[requests[0].case_id] != pytest.approx(pre_sigmas, rel=1e-3)
+    assert abs(moved - want) > 1e-3 * abs(want)
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+# ------------------------------------------------------------------ (5) the generality anchor
+@pytest.mark.parametrize("anchor", [True, False])
+def test_generality_anchor_blocks_the_gradient_through_the_edit_prompt(anchor: bool, requests) -> None:  # noqa: ANN001
+    """With ``gen_anchor_edit`` no gradient of ``R_gen`` reaches the edit prompt's hidden states; the
+    rephrases' states get one either way, and without the anchor the edit prompt's do too.
+
+    Caught fault: the anchor's detach inverted (the rephrases frozen, the edit prompt dragged).
+    """
+    from odedit_hf.methods.odedit import ODEditMethod
+    from odedit_hf.methods.odedit.objective import ODEditObjective
+
+    backbone = _backbone()
+    method = ODEditMethod(_ftl(), objective={"gen_anchor_edit": anchor})
+    peft_model = _wrap(method, backbone)
+    config = peft_model.peft_config["default"]
+    batch = _edit_batch(backbone, requests[:1], config)
+    objective = ODEditObjective(config, backbone)
+    with peft_model.disable_adapter():
+        objective.prepare(backbone.forward, batch)
+    _perturb_adapter(peft_model, 0.05)
+    hidden: list[torch.Tensor] = []
+
+    def forward(inputs, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        outputs = backbone.forward(inputs, **kwargs)
+        if kwargs.get("output_hidden_states"):
+            hidden.append(backbone.last_hidden_states(outputs))
+        return outputs
+
+    terms = objective(forward, batch, torch.tensor(0.0))
+    grads = torch.autograd.grad(terms.r_gen, hidden, allow_unused=True)
+
+    def norm(group: str) -> float:
+        b, start, stop = batch.slices[group]
+        g = grads[b]
+        return 0.0 if g is None else float(g[start:stop].abs().sum())
+
+    assert all(norm(kind) > 0 for kind in config.rephrase_kinds)
+    if anchor:
+        assert norm("edit") == 0.0
+    else:
+        assert norm("edit") > 0
+
+
+# ------------------------------------------------------------------ (6) easyedit m-locality is top-10
+def test_easyedit_agreement_compares_k_slots_on_constructed_logits() -> None:
+    """Same top-1 everywhere, ranks 2-3 swapped at one of two positions: top-1 says 1, top-10 says 0.9."""
+    from odedit_hf.evaluation.metrics import EASYEDIT_IMAGE_TOPK, EASYEDIT_TEXT_TOPK, easyedit_agreement
+
+    assert (EASYEDIT_TEXT_TOPK, EASYEDIT_IMAGE_TOPK) == (1, 10)
+    pre = torch.arange(12, 0, -1, dtype=torch.float32).repeat(1, 2, 1)  # (1, 2, 12): id 0 best, id 11 worst
+    post = pre.clone()
+    post[0, 0, 1], post[0, 0, 2] = pre[0, 0, 2], pre[0, 0, 1]  # position 0: ranks 2 and 3 swapped
+    mask = torch.ones(1, 2, dtype=torch.long)
+    assert float(easyedit_agreement(pre, post, mask, k=1)[0]) == 1.0
+    assert float(easyedit_agreement(pre, post, mask, k=10)[0]) == pytest.approx((8 / 10 + 1) / 2)
+    # padding positions do not count
+    assert float(easyedit_agreement(pre, post, torch.tensor([[0, 1]]), k=10)[0]) == 1.0
+
+
+def test_multimodal_easyedit_locality_is_top10_text_is_top1(requests) -> None:  # noqa: ANN001
+    """Scored locality (easyedit mode) equals the element-wise top-10 agreement on the m-locality sample
+    and top-1 on the text sample, on an adapter where top-1 and top-10 give different numbers.
+
+    Caught fault: M-Locality (easyedit mode) computed with top-1.
+    """
+    from odedit_hf.editing import model_inputs
+    from odedit_hf.editing.samples import eval_samples
+    from odedit_hf.evaluation import evaluate_request, locality_reference
+    from odedit_hf.evaluation.metrics import easyedit_agreement
+
+    backbone = _backbone()
+    peft_model = _wrap(_ftl(), backbone)
+    request = requests[0]
+    reference = locality_reference(peft_model, backbone, request)
+    samples = eval_samples(request)
+    batches = {key: backbone.build_batch([samples[f"{key}_locality"]]) for key in ("t", "m")}
+    with torch.no_grad(), peft_model.disable_adapter():
+        pre = {key: peft_model(**model_inputs(b)).logits.float() for key, b in batches.items()}
+    _perturb_adapter(peft_model, 0.02, seed=3)
+    scores = evaluate_request(peft_model, backbone, request, reference)
+    with torch.no_grad():
+        post = {key: peft_model(**model_inputs(b)).logits.float() for key, b in batches.items()}
+
+    def agreement(key: str, k: int) -> float:
+        return float(easyedit_agreement(pre[key], post[key], batches[key]["attention_mask"], k=k)[0])
+
+    assert agreement("m", 1) != pytest.approx(agreement("m", 10), abs=1e-3)  # the modes differ here
+    assert scores.m_locality_easyedit == pytest.approx(agreement("m", 10), abs=1e-6)
+    assert scores.t_locality_easyedit == pytest.approx(agreement("t", 1), abs=1e-6)
+
+
+# ------------------------------------------------------------------ (7) the final check after unloading
+class _CountingChecks:
+    """Counts every real hash comparison of :class:`BaseWeights` (a spy, behaviour unchanged)."""
+
+    def __init__(self, monkeypatch) -> None:  # noqa: ANN001
+        self.calls = 0
+        original = _BaseWeightsClass.check
+
+        def check(this, expected, *, context):  # noqa: ANN001, ANN202
+            self.calls += 1
+            return original(this, expected, context=context)
+
+        monkeypatch.setattr(_BaseWeightsClass, "check", check)
+
+
+@pytest.mark.parametrize(("protocol", "batch_size"), [("single", None), ("sequential", None), ("batch", 2)])
+def test_rollback_checks_count_the_real_hash_checks(protocol: str, batch_size, requests, monkeypatch) -> None:  # noqa: ANN001
+    """``ProtocolRun.rollback_checks`` is the number of hash comparisons actually made, the final one
+    after unloading included (a hard-coded ``+ 1`` would hide a dropped check)."""
+    counter = _CountingChecks(monkeypatch)
+    run = run_protocol(protocol, _ftl(steps=1), _backbone(), requests, seed=0, batch_size=batch_size)
+    assert run.rollback_checks == counter.calls
+    per_edit = {"single": len(requests), "sequential": 1, "batch": 2}[protocol]
+    assert counter.calls == per_edit + 1  # + the check after unloading
+
+
+def test_an_adapter_merged_at_unload_is_caught_by_the_final_check(requests) -> None:  # noqa: ANN001
+    """The unload merges the sequential edits into the base instead of dropping them: only the hash
+    check after unloading can see it (every earlier check ran before).
+
+    Caught fault: the final hash check after unloading dropped.
+    """
+    backbone = _backbone()
+    before = BaseWeights(backbone.model).digest()
+
+    def merge_on_unload(peft_model) -> None:  # noqa: ANN001
+        peft_model.unload = peft_model.merge_and_unload  # this run's unload now merges
+
+    with pytest.raises(RollbackError, match="after unloading the adapter"):
+        run_protocol("sequential", _ftl(steps=2), backbone, requests[:2], seed=0, on_adapter=merge_on_unload)
+    assert not hasattr(backbone.model, "peft_config")
+    assert BaseWeights(backbone.model).digest() != before  # the base really was written
+
+
+# ------------------------------------------------------------------ (8) buffers are base weights too
+def test_base_weight_hash_covers_buffers() -> None:
+    """A changed buffer (a rotary table, a norm's running stats) fails the check and is named.
+
+    Caught fault: the base-weight hash skips buffers.
+    """
+    backbone = _backbone()
+    model = backbone.model
+    buffers = dict(model.named_buffers())
+    assert "model.language_model.rotary_emb.inv_freq" in buffers
+    base = BaseWeights(model)
+    digest = base.digest()
+    base.check(digest, context="untouched")
+    with torch.no_grad():
+        buffers["model.language_model.rotary_emb.inv_freq"].mul_(1.5)
+    with pytest.raises(RollbackError, match=r"changed: model\.language_model\.rotary_emb\.inv_freq"):
+        base.check(digest, context="after touching a buffer")
+
+
+def test_base_weight_hash_covers_a_plain_module_buffer() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    base = BaseWeights(model)
+    digest = base.digest()
+    model[1].running_mean.add_(0.25)
+    with pytest.raises(RollbackError, match=r"changed: 1\.running_mean"):
+        base.check(digest, context="after a BatchNorm update")
+
+
+# ------------------------------------------------------------------ (9) sibling-prefix image paths
+def test_image_path_in_a_sibling_folder_with_the_root_as_prefix_is_rejected(tmp_path) -> None:  # noqa: ANN001
+    """``images/../images_evil/x.png`` resolves outside ``images`` although its string starts with it.
+
+    Caught fault: the containment check done with ``startswith(root)``.
+    """
+    import json
+
+    from odedit_hf.data import DataValidationError, load_mmedit
+    from odedit_hf.data.images import resolve_image_path
+    from odedit_hf.testing import tiny_image
+
+    root, evil = tmp_path / "images", tmp_path / "images_evil"
+    root.mkdir()
+    evil.mkdir()
+    tiny_image(0).save(evil / "x.png")
+    tiny_image(1).save(root / "ok.png")
+    real_root = os.path.realpath(root)
+    assert resolve_image_path(real_root, "ok.png", root_arg="image_root") == os.path.join(real_root, "ok.png")
+    with pytest.raises(DataValidationError, match="outside image_root"):
+        resolve_image_path(real_root, "../images_evil/x.png", root_arg="image_root")
+    record = {
+        "src": "what is this?",
+        "pred": "a",
+        "alt": "b",
+        "image": "../images_evil/x.png",
+        "rephrase": "what is it?",
+        "image_rephrase": "ok.png",
+        "loc": "q?",
+        "loc_ans": "a",
+        "m_loc": "ok.png",
+        "m_loc_q": "q?",
+        "m_loc_a": "a",
+    }
+    path = tmp_path / "edits.json"
+    path.write_text(json.dumps([record]))
+    with pytest.raises(DataValidationError, match="outside image_root") as info:
+        load_mmedit(path, root)
+    assert info.value.field == "image" and info.value.index == 0
