@@ -67,28 +67,45 @@ def world_inputs(
 
 
 def run(args: argparse.Namespace) -> int:
-    from odedit_hf.cli.edit import build_method, load_backbone, resolve_device, run_edits
+    from odedit_hf.cli.edit import (
+        build_method,
+        check_output_file,
+        load_backbone,
+        quiet_known_warnings,
+        resolve_device,
+        run_edits,
+    )
     from odedit_hf.data import load_mmedit
     from odedit_hf.evaluation import format_table, write_json_atomic
 
     try:
-        method = build_method(args)
-        device = resolve_device(args.device)
-        print(f"building the {args.preset!r} world (cached after the first run) ...", file=sys.stderr)
-        start = time.perf_counter()
-        model_dir, eval_file, image_root, rephrase_root = world_inputs(
-            args.preset,
-            seed=args.world_seed,
-            cache_dir=args.cache_dir,
-            task=args.task,
-            progress=not args.no_progress,
-            world_dir_=args.world_dir,
-        )
-        print(f"world ready in {time.perf_counter() - start:.1f} s: model {model_dir}", file=sys.stderr)
-        requests = list(load_mmedit(eval_file, image_root, rephrase_root, limit=args.n))
-        backbone = load_backbone(model_dir, dtype=args.dtype, device=device)
-        config = {"world": args.preset, "world_seed": args.world_seed, "model": model_dir, "data": eval_file}
-        report = run_edits(args, method, backbone, requests, config=config)
+        with quiet_known_warnings():
+            method = build_method(args)
+            if args.out:
+                check_output_file(args.out)  # before the world builds: a bad --out must not cost a build
+            device = resolve_device(args.device)
+            print(f"building the {args.preset!r} world (cached after the first run) ...", file=sys.stderr)
+            start = time.perf_counter()
+            model_dir, eval_file, image_root, rephrase_root = world_inputs(
+                args.preset,
+                seed=args.world_seed,
+                cache_dir=args.cache_dir,
+                task=args.task,
+                progress=not args.no_progress,
+                world_dir_=args.world_dir,
+            )
+            print(f"world ready in {time.perf_counter() - start:.1f} s: model {model_dir}", file=sys.stderr)
+            requests = list(load_mmedit(eval_file, image_root, rephrase_root, limit=args.n))
+            backbone = load_backbone(model_dir, dtype=args.dtype, device=device)
+            config = {
+                "world": args.preset,
+                "world_seed": args.world_seed,
+                "model": model_dir,
+                "model_class": type(backbone.model).__name__,
+                "data": eval_file,
+                "method": method.resolved_config(),
+            }
+            report = run_edits(args, method, backbone, requests, config=config)
     except (CLIError, ValueError, FileNotFoundError) as exc:
         print(f"odedit-hf demo: error: {exc}", file=sys.stderr)
         return 2

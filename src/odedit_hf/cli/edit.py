@@ -16,10 +16,13 @@ error that names it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,73 @@ ACCEPTS_METHOD_OPTIONS = True
 
 class CLIError(ValueError):
     """A user error the command reports in one line (exit status 2)."""
+
+
+@contextlib.contextmanager
+def quiet_known_warnings() -> Iterator[None]:
+    """Silence, for the duration of a command, the warnings a user can do nothing about, each matched
+    precisely (see :func:`odedit_hf.editing.loading.peft_wrapping_warnings_silenced`)."""
+    from odedit_hf.editing.loading import peft_wrapping_warnings_silenced
+
+    with peft_wrapping_warnings_silenced():
+        yield
+
+
+def check_output_file(path: str, *, flag: str = "--out") -> str:
+    """Check, before any work, that a results file can be written at ``path``; return its absolute path.
+
+    Catches a folder given as the file, a parent that is a file, and a folder that cannot be written
+    (probed by creating and removing a temporary file there), so a long run never ends in a traceback
+    that loses its results.
+
+    Raises:
+        CLIError: what is wrong with ``path`` and what to do.
+    """
+    target = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(target):
+        raise CLIError(
+            f"{flag} {path!r} is a folder; give a file path such as {os.path.join(path, 'results.json')}"
+        )
+    ancestor = os.path.dirname(target)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise CLIError(f"{flag} {path!r}: {ancestor} is a file, not a folder; give a path inside a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".odedit-hf-probe-", dir=ancestor)
+    except OSError as exc:
+        raise CLIError(
+            f"{flag} {path!r}: cannot write in {ancestor} ({exc.strerror or exc}); give a writable location"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+    return target
+
+
+def adapter_protocol_problem(protocol: str, n_edits: int, batch_size: int | None) -> str | None:
+    """Why one saved adapter could not hold every edit of this run (``None`` when it can).
+
+    ``sequential`` keeps one adapter across the edits; ``single`` and ``batch`` roll the adapter back
+    after each edit (batch), so a saved adapter would hold only the last one. odedit-hf refuses to
+    save such a partial adapter rather than save one that silently misses edits.
+    """
+    if protocol == "sequential":
+        return None
+    if protocol == "single" and n_edits <= 1:
+        return None
+    if protocol == "batch" and (batch_size or 10) >= n_edits:
+        return None
+    detail = (
+        f"--protocol single rolls the adapter back after each of the {n_edits} edits"
+        if protocol == "single"
+        else f"--protocol batch with --batch-size {batch_size or 10} rolls the adapter back after each batch "
+        f"of the {n_edits} edits"
+    )
+    return (
+        f"{detail}, so no adapter ever holds all of them; to save one adapter with every edit use "
+        f"--protocol sequential (edits applied one after another) or --protocol batch --batch-size {n_edits} "
+        "(all edits in one optimisation)"
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -117,11 +187,30 @@ def add_parser(subparsers: Any, name: str = "edit", help: str | None = None) -> 
     parser = subparsers.add_parser(name, help=help, description=__doc__.split("\n\n")[0], add_help=False)
     add_methods_help(parser)
     add_edit_arguments(parser)
-    parser.add_argument(
+    share = parser.add_argument_group("saving and sharing the edited adapter")
+    share.add_argument(
         "--save-adapter",
         metavar="DIR",
-        help="save the adapter holding the last edit (sequential: all edits) to DIR",
+        help="save the adapter holding every edit of the run to DIR, with a model card, the results and "
+        "the edited facts (needs one adapter that holds all edits: --protocol sequential, or batch with "
+        "--batch-size >= the number of edits, or single with one edit); DIR must be new or empty",
     )
+    share.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --save-adapter replace an existing adapter folder (never a folder holding other files)",
+    )
+    share.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="push the adapter with its model card to this Hub repo (as 'odedit-hf push')",
+    )
+    share.add_argument(
+        "--base-model",
+        metavar="HUB_ID",
+        help="the Hub id of the base model, for the model card (default: --model when it is a Hub id)",
+    )
+    share.add_argument("--private", action="store_true", help="create the Hub repo private")
     return parser
 
 
@@ -192,12 +281,18 @@ def load_backbone(
     import transformers
 
     from odedit_hf.backbones import Backbone, UnsupportedModelError, get_backbone_spec
+    from odedit_hf.editing.loading import ModelFilesError, check_model_folder
 
     looks_local = os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
     if looks_local and not os.path.isdir(os.path.expanduser(model)):
         raise CLIError(
             f"--model {model!r}: no such model folder; give a saved model folder or a Hub id (org/name)"
         )
+    if os.path.isdir(os.path.expanduser(model)):
+        try:
+            check_model_folder(os.path.expanduser(model))
+        except ModelFilesError as exc:
+            raise CLIError(f"--model {model!r}: {exc}") from None
     try:
         config = transformers.AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -216,7 +311,15 @@ def load_backbone(
     else:
         model_cls = transformers.AutoModelForCausalLM
         processor = transformers.AutoTokenizer.from_pretrained(model, **common)
-    loaded = model_cls.from_pretrained(model, use_safetensors=True, dtype=torch_dtype, **common)
+    from safetensors import SafetensorError
+
+    try:
+        loaded = model_cls.from_pretrained(model, use_safetensors=True, dtype=torch_dtype, **common)
+    except (OSError, ValueError, SafetensorError) as exc:  # a Hub model; local folders were checked above
+        raise CLIError(
+            f"--model {model!r}: cannot load its weights ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); "
+            "odedit-hf loads safetensors weights only: download or save the model again"
+        ) from None
     if device is not None:
         loaded = loaded.to(device)
     loaded.eval()
@@ -261,25 +364,52 @@ def _world_at(folder: str) -> Any:
     return None
 
 
-def load_requests(args: argparse.Namespace) -> list[Any]:
+class _DropLoaderSkipWarning(logging.Filter):
+    """Drops the loader's own "skipped N invalid record(s)" warning: the CLI reports the skips itself,
+    once, pointing at the results file rather than at ``dataset.skip_reasons``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "skipped %d invalid record(s)" not in str(record.msg)
+
+
+def load_requests(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
+    """The requests to edit and what the results file should record about them
+    (``{"data_file", "skipped", "skip_reasons"}``); reports skipped records and a short file once."""
     from odedit_hf.data import load_mmedit
 
     path, root, rephrase_root = resolve_data(
         args.data, args.image_root, args.rephrase_image_root, task=args.task
     )
+    loader_logger = logging.getLogger("odedit_hf.data.loader")
+    quiet = _DropLoaderSkipWarning()
+    loader_logger.addFilter(quiet)
     try:
         dataset = load_mmedit(
             path, root, rephrase_root, task=args.task, skip_invalid=args.skip_invalid, limit=args.n
         )
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from None
+    finally:
+        loader_logger.removeFilter(quiet)
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data!r}: no valid records to edit")
+    notes: dict[str, Any] = {"data_file": os.path.abspath(path), "skipped": dataset.skipped}
     if dataset.skipped:
+        notes["skip_reasons"] = list(dataset.skip_reasons)
+        shown = dataset.skip_reasons[:3]
+        more = f" (and {dataset.skipped - len(shown)} more)" if dataset.skipped > len(shown) else ""
         print(
-            f"skipped {dataset.skipped} invalid record(s); first: {dataset.skip_reasons[0]}", file=sys.stderr
+            f"warning: skipped {dataset.skipped} invalid record(s) of {path}{more}; every reason is in the "
+            "results file under config.skip_reasons:\n  " + "\n  ".join(shown),
+            file=sys.stderr,
         )
-    return list(dataset)
+    if args.n is not None and len(dataset) < args.n:
+        print(
+            f"warning: --n {args.n} asked for {args.n} edits, but {path} holds only {len(dataset)} valid "
+            f"record(s){f' ({dataset.skipped} skipped)' if dataset.skipped else ''}: editing {len(dataset)}",
+            file=sys.stderr,
+        )
+    return list(dataset), notes
 
 
 def run_edits(
@@ -305,13 +435,13 @@ def run_edits(
         bar.set_postfix(rel=f"{result.post.reliability:.2f}", steps=result.steps, refresh=False)
 
     on_adapter = None
-    save_dir = getattr(args, "save_adapter", None)
+    save_dir = getattr(args, "_adapter_dir", None)
     if save_dir:
 
         def on_adapter(peft_model: Any) -> None:
             from odedit_hf.editing.saving import save_adapter
 
-            print(f"adapter saved to {save_adapter(peft_model, save_dir)}", file=sys.stderr)
+            save_adapter(peft_model, save_dir, overwrite=getattr(args, "overwrite", False))
 
     try:
         run = run_protocol(
@@ -329,31 +459,111 @@ def run_edits(
     return build_report(run, config=config, device=str(model_device(backbone.model)))
 
 
+def check_adapter_flags(args: argparse.Namespace, n_edits: int) -> None:
+    """Check ``--save-adapter`` / ``--overwrite`` / ``--push-to-hub`` before the model loads.
+
+    Sets ``args._adapter_dir`` (the folder the run saves its adapter to, a temporary one for a push
+    without ``--save-adapter``) or leaves it ``None``.
+    """
+    from odedit_hf.editing.saving import check_adapter_target
+
+    save_dir = getattr(args, "save_adapter", None)
+    push = getattr(args, "push_to_hub", None)
+    args._adapter_dir = None
+    if getattr(args, "overwrite", False) and not save_dir:
+        raise CLIError("--overwrite applies to --save-adapter DIR; give the folder to replace")
+    if getattr(args, "base_model", None) and not (save_dir or push):
+        raise CLIError(
+            "--base-model names the base model in the model card; use it with --save-adapter or --push-to-hub"
+        )
+    if not (save_dir or push):
+        return
+    flag = "--save-adapter" if save_dir else "--push-to-hub"
+    problem = adapter_protocol_problem(args.protocol, n_edits, args.batch_size)
+    if problem is not None:
+        raise CLIError(f"{flag}: {problem}")
+    if push:
+        from odedit_hf.sharing import check_repo_id
+
+        try:
+            check_repo_id(push)
+        except ValueError as exc:
+            raise CLIError(f"--push-to-hub: {exc}") from None
+    if save_dir:
+        try:
+            args._adapter_dir = check_adapter_target(save_dir, overwrite=args.overwrite)
+        except ValueError as exc:
+            raise CLIError(f"--save-adapter: {exc}") from None
+    else:
+        args._adapter_dir = os.path.join(tempfile.mkdtemp(prefix="odedit-hf-push-"), "adapter")
+
+
+def finish_adapter(args: argparse.Namespace, report: dict[str, Any], requests: list[Any]) -> None:
+    """Add the model card, the results and the edited facts to the saved adapter; push it if asked."""
+    import json
+
+    from odedit_hf.editing.saving import write_adapter_files
+    from odedit_hf.sharing import edited_facts, model_card, push_adapter
+
+    folder = args._adapter_dir
+    facts = edited_facts(requests)
+    card = model_card(
+        report, base_model=args.base_model, facts=facts, repo_id=args.push_to_hub, adapter_dir=folder
+    )
+    write_adapter_files(
+        folder,
+        {
+            "README.md": card,
+            "odedit_results.json": json.dumps(report, indent=2, default=str) + "\n",
+            "edited_facts.json": json.dumps(facts, indent=2) + "\n",
+        },
+    )
+    if args.save_adapter:
+        print(f"adapter (with model card, results and edited facts): {folder}", file=sys.stderr)
+    if args.push_to_hub:
+        url = push_adapter(folder, args.push_to_hub, base_model=args.base_model, private=args.private)
+        print(f"pushed to the Hub: {url}", file=sys.stderr)
+
+
 # ------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> int:
     from odedit_hf.evaluation import format_table, write_json_atomic
 
+    args._adapter_dir = None
     try:
-        method = build_method(args)  # before loading anything: a bad --method fails fast
-        device = resolve_device(args.device)
-        requests = load_requests(args)
-        start = time.perf_counter()
-        backbone = load_backbone(
-            args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype, device=device
-        )
-        load_s = time.perf_counter() - start
-        config = {
-            "model": args.model,
-            "data": os.path.abspath(args.data),
-            "method": method.resolved_config(),
-            "n_requested": args.n,
-            "model_load_s": load_s,
-        }
-        report = run_edits(args, method, backbone, requests, config=config)
+        with quiet_known_warnings():
+            method = build_method(args)  # before loading anything: a bad --method fails fast
+            check_output_file(args.out)
+            device = resolve_device(args.device)
+            requests, notes = load_requests(args)
+            check_adapter_flags(args, len(requests))
+            start = time.perf_counter()
+            backbone = load_backbone(
+                args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype, device=device
+            )
+            load_s = time.perf_counter() - start
+            config = {
+                "model": args.model,
+                "model_class": type(backbone.model).__name__,
+                "base_model": args.base_model,
+                "data": os.path.abspath(args.data),
+                "method": method.resolved_config(),
+                "n_requested": args.n,
+                "model_load_s": load_s,
+                **notes,
+            }
+            report = run_edits(args, method, backbone, requests, config=config)
+            path = write_json_atomic(args.out, report)
+            print(format_table(report))
+            print(f"\nresults: {path}")
+            if args._adapter_dir:
+                finish_adapter(args, report, requests)
     except (CLIError, ValueError, FileNotFoundError) as exc:
         print(f"odedit-hf edit: error: {exc}", file=sys.stderr)
         return 2
-    path = write_json_atomic(args.out, report)
-    print(format_table(report))
-    print(f"\nresults: {path}")
+    finally:
+        if args._adapter_dir and not args.save_adapter:  # the temporary folder of a push
+            import shutil
+
+            shutil.rmtree(os.path.dirname(args._adapter_dir), ignore_errors=True)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 ROWS = (
     ("trained", "trained facts (image + training template)"),
@@ -46,7 +47,11 @@ def format_table(world) -> str:
         f"world {world.preset} seed {world.seed} (version {world.world_version}) at {world.root}",
         f"  model: {world.model_dir}",
         f"  data:  {world.data_dir}",
-        f"  built in {world.build_seconds:.1f} s" + (" (loaded from the cache)" if world.from_cache else ""),
+        (
+            f"  loaded from the cache (its build took {world.build_seconds:.1f} s)"
+            if world.from_cache
+            else f"  built in {world.build_seconds:.1f} s"
+        ),
         "",
         f"{'set':<56} {'token acc':>9} {'exact':>7}",
         "-" * 74,
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
         )
     except ValueError as err:
-        print(f"odedit-hf world build: {err}")
+        print(f"odedit-hf world build: error: {err}", file=sys.stderr)
         return 2
     print(format_table(world))
     return 0

@@ -1,6 +1,7 @@
 """Editing: the editor contract (:class:`Editor` and its hooks), the one per-edit loop, the shared
 loss, rollback checks, method discovery (:func:`get_method`), and -- imported lazily, as they need
-peft -- the generic wrapper (:mod:`.wrapper`) and the environment batches (:mod:`.environments`).
+peft -- the generic wrapper (:mod:`.wrapper`), the environment batches (:mod:`.environments`),
+atomic saving (:mod:`.saving`) and safetensors-only adapter loading (:func:`load_adapter`).
 
 Importing this package imports neither peft's tuners nor any method: methods are folders under
 ``odedit_hf/editors/`` and ``odedit_hf/methods/``, built by name with :func:`get_method`.
@@ -36,10 +37,20 @@ _LAZY = {
     "build_edit_batch": "environments",
     "run_groups": "environments",
     "save_adapter": "saving",
+    "check_adapter_target": "saving",
+    "write_bytes_atomic": "saving",
+    "load_adapter": "loading",
+    "resolve_adapter": "loading",
+    "check_adapter_folder": "loading",
+    "check_model_folder": "loading",
+    "AdapterLoadError": "loading",
+    "ModelFilesError": "loading",
 }
 
 __all__ = [
     "EVAL_SAMPLE_NAMES",
+    "AdapterLoadError",
+    "ModelFilesError",
     "GROUPS",
     "AdapterSnapshot",
     "BaseWeights",
@@ -62,21 +73,27 @@ __all__ = [
     "available_methods",
     "build_edit_batch",
     "build_method",
+    "check_adapter_folder",
+    "check_adapter_target",
+    "check_model_folder",
     "edit_sample",
     "edit_samples",
     "eval_samples",
     "get_method",
     "hash_tensors",
+    "load_adapter",
     "method_class",
     "model_device",
     "model_inputs",
     "nll_from_logits",
+    "resolve_adapter",
     "run_edit_loop",
     "run_groups",
     "save_adapter",
     "split_method_name",
     "target_nll",
     "trainable_parameters",
+    "write_bytes_atomic",
 ]
 
 

@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from odedit_hf.editing.saving import default_mode
+
 from .metrics import EASYEDIT_IMAGE_TOPK, EASYEDIT_TEXT_TOPK, METRIC_VERSION
 
 if TYPE_CHECKING:
@@ -181,7 +183,8 @@ def write_json_atomic(path: str | os.PathLike[str], payload: Mapping[str, Any]) 
     """Write ``payload`` as JSON to ``path`` via a temporary file in the same folder and ``os.replace``.
 
     A reader never sees a half-written file, and an interrupted run leaves the old file intact.
-    NaN is written as ``null`` (strict JSON).
+    NaN is written as ``null`` (strict JSON). The file gets the umask's mode (``tempfile`` alone
+    would leave it ``0600``).
 
     Returns:
         The absolute path written.
@@ -196,6 +199,7 @@ def write_json_atomic(path: str | os.PathLike[str], payload: Mapping[str, Any]) 
             handle.write(text + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -482,13 +482,15 @@ def build_world(
                 logger.info("world %s/seed %d loaded from %s", p.name, seed, root)
                 return _from_info(root, info, from_cache=True)
             raise ValueError(
-                f"{root} holds world {key}, not {(WORLD_VERSION, p.name, seed)}; pick another out or pass force=True"
+                f"{root} holds world {key}, not {(WORLD_VERSION, p.name, seed)}; pick another folder, or rebuild "
+                "it with force=True (odedit-hf world build --force)"
             )
     if os.path.exists(root) and not os.path.isdir(root):
         raise ValueError(f"build_world: out={root} exists and is not a folder")
     if os.path.isdir(root) and os.listdir(root) and not force and read_info(root) is None:
         raise ValueError(
-            f"build_world: out={root} is a non-empty folder without a world; empty it or pass force=True"
+            f"build_world: out={root} is a non-empty folder without a world; pick another folder or empty it "
+            "(force=True, odedit-hf world build --force, deletes what is in it and builds there)"
         )
 
     world = generate_world(p, seed)
