@@ -318,9 +318,10 @@ def test_lambda_network_rejects_bad_parametrisations() -> None:
 
 
 def test_config_carries_the_parametrisation_to_the_network() -> None:
+    from peft import LoraConfig
+
     from odedit_hf.methods.odedit import ODEditConfig
     from odedit_hf.methods.odedit.objective import build_lambda_network
-    from peft import LoraConfig
 
     config = ODEditConfig(editor=LoraConfig(target_modules=["x"]), lambda_param="log", dual_slack=0.5)
     assert ODEditConfig(editor=LoraConfig(target_modules=["x"])).lambda_param == "softplus"  # default kept
