@@ -49,6 +49,15 @@ EDITOR_CASES: list[EditorCase] = [
         "ftl_",
         exact_unmerge=True,
     ),
+    EditorCase(
+        "tpatcher-llava",
+        "llava",
+        "tpatcher",
+        {"steps": 80, "train_up": True},
+        "TPATCHER",
+        "tpatcher_",
+        merge=False,
+    ),
 ]
 
 #: Wrapper methods crossed with every wrappable editor row: (name, options of the wrapper).
