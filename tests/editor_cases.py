@@ -59,6 +59,15 @@ EDITOR_CASES: list[EditorCase] = [
         merge=False,
         keeps_earlier_edits=True,
     ),
+    EditorCase(
+        "tpatcher-llava",
+        "llava",
+        "tpatcher",
+        {"steps": 80, "train_up": True},
+        "TPATCHER",
+        "tpatcher_",
+        merge=False,
+    ),
 ]
 
 #: Wrapper methods crossed with every wrappable editor row: (name, options of the wrapper).
