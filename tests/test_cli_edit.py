@@ -118,9 +118,10 @@ def test_unknown_model_type_is_a_clear_error(data_file, tmp_path, capsys):
     from transformers import BertConfig
 
     model_dir = tmp_path / "bert"
-    BertConfig(
-        hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8
-    ).save_pretrained(model_dir)
+    from transformers import BertModel
+
+    config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
+    BertModel(config).save_pretrained(model_dir)  # real weights: the error must be about the model type
     rc = main(
         [
             "edit",

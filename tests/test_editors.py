@@ -42,6 +42,7 @@ TEXTS = [
     "cat",
     "green",
     "which shape is shown",
+    "what shape is shown",
 ]
 
 
@@ -98,7 +99,12 @@ def requests(tmp_path_factory):  # noqa: ANN001
         case_id=0, src="what color is the cube", alt="blue", image=paths[0], image_rephrase=paths[1], **common
     )
     second = EditRequest(
-        case_id=1, src="which shape is shown", alt="green", image=paths[2], image_rephrase=paths[0], **common
+        case_id=1,
+        src="which shape is shown",
+        alt="green",
+        image=paths[2],
+        image_rephrase=paths[0],
+        **{**common, "rephrase": "what shape is shown"},  # its own rephrase: R_gen pulls towards it
     )
     return first, second
 

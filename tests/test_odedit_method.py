@@ -288,10 +288,13 @@ def test_save_adapter_writes_a_standard_peft_folder(requests, tmp_path) -> None:
     method = ODEditMethod(_editor("lora", steps=3))
     peft_model, _, _ = _wrap(method, backbone)
     method.edit(peft_model, backbone, requests[:1])
-    target = tmp_path / "edits"
-    target.mkdir()
-    (target / "stale.txt").write_text("old")
-    path = save_adapter(peft_model, target)
+    occupied = tmp_path / "notes"
+    occupied.mkdir()
+    (occupied / "stale.txt").write_text("old")
+    with pytest.raises(ValueError, match="not empty"):  # a user's folder is never emptied
+        save_adapter(peft_model, occupied)
+    assert (occupied / "stale.txt").read_text() == "old"
+    path = save_adapter(peft_model, tmp_path / "edits")
     assert sorted(os.listdir(path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     loaded = PeftModel.from_pretrained(_backbone().model, path)
     batch = {k: v for k, v in backbone.build_batch([_edit_sample(requests[0])]).items() if k != "labels"}

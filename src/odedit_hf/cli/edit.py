@@ -147,9 +147,9 @@ def add_edit_arguments(
         parser.add_argument("--out", required=True, help="results file (JSON, written atomically)")
     parser.add_argument(
         "--method",
-        default="ftl",
-        help="editing method: a base editor (ftl, lora, ...) or wrapper+editor (odedit+lora); "
-        "see 'odedit-hf methods' (default: ftl)",
+        default=None,
+        help="editing method: a base editor or wrapper+editor; see 'odedit-hf methods' "
+        "(default: odedit_hf.editing.DEFAULT_METHOD, plain FT-L)",
     )
     parser.add_argument(
         "--editor",
@@ -217,7 +217,9 @@ def add_parser(subparsers: Any, name: str = "edit", help: str | None = None) -> 
 # --------------------------------------------------------------------------------------- pieces
 def method_name(args: argparse.Namespace) -> str:
     """The (composite) method name of ``--method`` and ``--editor``."""
-    name = args.method
+    from odedit_hf.editing import DEFAULT_METHOD
+
+    name = args.method or DEFAULT_METHOD
     editor = getattr(args, "editor", None)
     if editor:
         from odedit_hf.editing import method_class

@@ -24,7 +24,14 @@ from .editor import (
 from .loop import EditDivergedError, EditLoopConfig, StepObjective, run_edit_loop
 from .loss import LossFn, model_inputs, nll_from_logits, target_nll
 from .protocol import EditMethod, EditStats
-from .registry import available_methods, build_method, get_method, method_class, split_method_name
+from .registry import (
+    DEFAULT_METHOD,
+    available_methods,
+    build_method,
+    get_method,
+    method_class,
+    split_method_name,
+)
 from .rollback import AdapterSnapshot, BaseWeights, RollbackError, hash_tensors
 from .samples import EVAL_SAMPLE_NAMES, edit_sample, edit_samples, eval_samples
 
@@ -48,6 +55,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "DEFAULT_METHOD",
     "EVAL_SAMPLE_NAMES",
     "AdapterLoadError",
     "ModelFilesError",

@@ -18,7 +18,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available_methods", "build_method", "get_method", "method_class", "split_method_name"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "available_methods",
+    "build_method",
+    "get_method",
+    "method_class",
+    "split_method_name",
+]
+
+
+#: The method the command line uses when none is given (plain FT-L, the simplest baseline).
+DEFAULT_METHOD = "ftl"
 
 
 def _packages() -> dict[str, str]:

@@ -355,6 +355,10 @@ class Wrapper(Editor):
                 f"{self.name} cannot wrap {self.editor.name!r}: that editor trains no parameter at edit time"
             )
         self.name = f"{type(self).name}+{self.editor.name}"
+        # validate the wrapper's options now, where the user set them (the config is rebuilt per backbone later)
+        from peft import LoraConfig
+
+        self.config_class(editor=LoraConfig(target_modules=["placeholder"]), **self.config_options())
 
     @classmethod
     def split_options(
