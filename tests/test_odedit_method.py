@@ -266,9 +266,8 @@ def test_save_adapter_writes_a_standard_peft_folder(requests, tmp_path) -> None:
     peft_model, _, _ = _wrap(method, backbone)
     method.edit(peft_model, backbone, requests[:1])
     target = tmp_path / "edits"
-    target.mkdir()
-    (target / "stale.txt").write_text("old")
-    path = save_adapter(peft_model, target)
+    save_adapter(peft_model, target)
+    path = save_adapter(peft_model, target, overwrite=True)  # replaces the earlier adapter folder
     assert sorted(os.listdir(path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     loaded = PeftModel.from_pretrained(_backbone().model, path)
     batch = {k: v for k, v in backbone.build_batch([_edit_sample(requests[0])]).items() if k != "labels"}
