@@ -356,3 +356,51 @@ def test_world_messages_speak_the_command_line(tmp_path):
     )  # fmt: skip
     text = format_table(world)
     assert "loaded from the cache (its build took 133.8 s)" in text and "built in" not in text
+
+
+# ----------------------------------------------------------------- 6. kill safety
+_SAVE_FOREVER = r"""
+import json, sys
+from peft import PeftModel
+from odedit_hf.editing import save_adapter
+from odedit_hf.evaluation import write_json_atomic
+from odedit_hf.testing import tiny_backbone
+lora, results, adapter, words = sys.argv[1:5]
+model = PeftModel.from_pretrained(tiny_backbone("llava", seed=0, texts=json.loads(words)).model, lora)
+i = 0
+while True:
+    write_json_atomic(results, {"i": i, "payload": [i] * 200_000})
+    save_adapter(model, adapter, overwrite=True)
+    if i == 0:
+        print("ready", flush=True)
+    i += 1
+"""
+
+
+@pytest.mark.parametrize("delay_s", [0.05, 0.4])
+def test_a_process_killed_mid_save_leaves_whole_files(saved_lora, tmp_path, delay_s):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from odedit_hf.editing import check_adapter_folder
+
+    results, adapter = tmp_path / "r.json", tmp_path / "adapter"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SAVE_FOREVER, str(saved_lora), str(results), str(adapter), json.dumps(WORDS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
+        time.sleep(delay_s)  # somewhere inside a later write
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    data = json.loads(results.read_text())  # whole: old or new, never half
+    assert data["payload"] == [data["i"]] * 200_000
+    check_adapter_folder(str(adapter))  # config parses, safetensors header and size check out
+    assert sorted(os.listdir(adapter)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]

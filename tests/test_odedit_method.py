@@ -294,7 +294,9 @@ def test_save_adapter_writes_a_standard_peft_folder(requests, tmp_path) -> None:
     with pytest.raises(ValueError, match="not empty"):  # a user's folder is never emptied
         save_adapter(peft_model, occupied)
     assert (occupied / "stale.txt").read_text() == "old"
-    path = save_adapter(peft_model, tmp_path / "edits")
+    target = tmp_path / "edits"
+    save_adapter(peft_model, target)
+    path = save_adapter(peft_model, target, overwrite=True)  # replaces the earlier adapter folder
     assert sorted(os.listdir(path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     loaded = PeftModel.from_pretrained(_backbone().model, path)
     batch = {k: v for k, v in backbone.build_batch([_edit_sample(requests[0])]).items() if k != "labels"}

@@ -148,6 +148,9 @@ def test_a_card_without_a_hub_base_model_says_how_to_set_it(sequential_edit):
     assert "2 edits" in card and "BASE_MODEL_ID_OR_FOLDER" in card
     with pytest.raises(ValueError, match="results document"):
         model_card({"not": "results"})
+    single = {**results, "protocol": "single", "n_edits": 2}  # its adapter held only the last edit
+    with pytest.raises(ValueError, match="rolls the adapter back after each of the 2 edits"):
+        model_card(single)
 
 
 # ------------------------------------------------------------------------------------ fake Hub
@@ -315,6 +318,38 @@ def test_push_to_a_fake_hub_and_load_back_by_repo_id(sequential_edit, tiny_model
     assert json.loads(pushed["odedit_results.json"]) == results
     # the download side went through the Hub's resolve endpoint
     assert any(method == "GET" and "/resolve/" in path for method, path in hub.calls)
+
+
+_EDIT_AND_PUSH = r"""
+import sys
+from odedit_hf.cli.main import main
+model_dir, data, out = sys.argv[1:4]
+argv = ["edit", "--model", model_dir, "--data", data, "--method", "lora", "--protocol", "sequential", "--n", "1"]
+argv += ["--lora.steps", "2", "--no-progress", "--out", out, "--push-to-hub", "user/direct", "--base-model", "org/b"]
+sys.exit(main(argv))
+"""
+
+
+def test_edit_push_to_hub_pushes_the_run_without_a_local_folder(tiny_model_dir, data_file, tmp_path):
+    with _FakeHub() as hub:
+        env = {**hub.env(tmp_path), "TMPDIR": str(tmp_path / "tmp")}
+        (tmp_path / "tmp").mkdir()
+        out = subprocess.run(
+            [sys.executable, "-c", _EDIT_AND_PUSH, tiny_model_dir, data_file, str(tmp_path / "r.json")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "pushed to the Hub" in out.stderr
+    pushed = {path: data for (repo, path), data in hub.files.items() if repo == "user/direct"}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "edited_facts.json"} <= set(
+        pushed
+    )
+    assert _front_matter(pushed["README.md"].decode())["base_model"] == "org/b"
+    assert json.loads(pushed["odedit_results.json"]) == json.loads((tmp_path / "r.json").read_text())
+    assert not [p for p in os.listdir(tmp_path / "tmp") if p.startswith("odedit-hf-push-")]  # cleaned up
 
 
 def test_push_refuses_what_it_cannot_share(sequential_edit, tmp_path, capsys):

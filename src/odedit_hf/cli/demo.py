@@ -96,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
             )
             print(f"world ready in {time.perf_counter() - start:.1f} s: model {model_dir}", file=sys.stderr)
             requests = list(load_mmedit(eval_file, image_root, rephrase_root, limit=args.n))
-            backbone = load_backbone(model_dir, dtype=args.dtype, device=device)
+            backbone = load_backbone(
+                model_dir, dtype=args.dtype, device=device, progress=not args.no_progress
+            )
             config = {
                 "world": args.preset,
                 "world_seed": args.world_seed,

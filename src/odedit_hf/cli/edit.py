@@ -77,32 +77,6 @@ def check_output_file(path: str, *, flag: str = "--out") -> str:
     return target
 
 
-def adapter_protocol_problem(protocol: str, n_edits: int, batch_size: int | None) -> str | None:
-    """Why one saved adapter could not hold every edit of this run (``None`` when it can).
-
-    ``sequential`` keeps one adapter across the edits; ``single`` and ``batch`` roll the adapter back
-    after each edit (batch), so a saved adapter would hold only the last one. odedit-hf refuses to
-    save such a partial adapter rather than save one that silently misses edits.
-    """
-    if protocol == "sequential":
-        return None
-    if protocol == "single" and n_edits <= 1:
-        return None
-    if protocol == "batch" and (batch_size or 10) >= n_edits:
-        return None
-    detail = (
-        f"--protocol single rolls the adapter back after each of the {n_edits} edits"
-        if protocol == "single"
-        else f"--protocol batch with --batch-size {batch_size or 10} rolls the adapter back after each batch "
-        f"of the {n_edits} edits"
-    )
-    return (
-        f"{detail}, so no adapter ever holds all of them; to save one adapter with every edit use "
-        f"--protocol sequential (edits applied one after another) or --protocol batch --batch-size {n_edits} "
-        "(all edits in one optimisation)"
-    )
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -271,7 +245,12 @@ def resolve_device(text: str) -> Any:
 
 
 def load_backbone(
-    model: str, *, trust_remote_code: bool = False, dtype: str = "auto", device: Any = None
+    model: str,
+    *,
+    trust_remote_code: bool = False,
+    dtype: str = "auto",
+    device: Any = None,
+    progress: bool = True,
 ) -> Any:
     """Load a model and its processor (safetensors only) and wrap them in a :class:`~odedit_hf.backbones.Backbone`.
 
@@ -283,16 +262,17 @@ def load_backbone(
     import transformers
 
     from odedit_hf.backbones import Backbone, UnsupportedModelError, get_backbone_spec
-    from odedit_hf.editing.loading import ModelFilesError, check_model_folder
+    from odedit_hf.editing.loading import ModelFilesError, check_model_folder, check_model_weights
 
     looks_local = os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
     if looks_local and not os.path.isdir(os.path.expanduser(model)):
         raise CLIError(
             f"--model {model!r}: no such model folder; give a saved model folder or a Hub id (org/name)"
         )
-    if os.path.isdir(os.path.expanduser(model)):
+    local = os.path.isdir(os.path.expanduser(model))
+    if local:
         try:
-            check_model_folder(os.path.expanduser(model))
+            check_model_folder(os.path.expanduser(model), weights=False)
         except ModelFilesError as exc:
             raise CLIError(f"--model {model!r}: {exc}") from None
     try:
@@ -305,6 +285,11 @@ def load_backbone(
         spec = get_backbone_spec(config)
     except UnsupportedModelError as exc:
         raise CLIError(f"--model {model!r}: {exc}") from None
+    if local:  # after the model type: an unsupported model is named before its files are looked at
+        try:
+            check_model_weights(os.path.expanduser(model))
+        except ModelFilesError as exc:
+            raise CLIError(f"--model {model!r}: {exc}") from None
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     common = {"trust_remote_code": trust_remote_code}
     if spec.multimodal:
@@ -314,7 +299,11 @@ def load_backbone(
         model_cls = transformers.AutoModelForCausalLM
         processor = transformers.AutoTokenizer.from_pretrained(model, **common)
     from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
 
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    if not progress:  # transformers 5 draws a "Loading weights" bar of its own
+        hf_logging.disable_progress_bar()
     try:
         loaded = model_cls.from_pretrained(model, use_safetensors=True, dtype=torch_dtype, **common)
     except (OSError, ValueError, SafetensorError) as exc:  # a Hub model; local folders were checked above
@@ -322,6 +311,9 @@ def load_backbone(
             f"--model {model!r}: cannot load its weights ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); "
             "odedit-hf loads safetensors weights only: download or save the model again"
         ) from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     if device is not None:
         loaded = loaded.to(device)
     loaded.eval()
@@ -481,6 +473,8 @@ def check_adapter_flags(args: argparse.Namespace, n_edits: int) -> None:
     if not (save_dir or push):
         return
     flag = "--save-adapter" if save_dir else "--push-to-hub"
+    from odedit_hf.sharing.card import adapter_protocol_problem
+
     problem = adapter_protocol_problem(args.protocol, n_edits, args.batch_size)
     if problem is not None:
         raise CLIError(f"{flag}: {problem}")
@@ -505,6 +499,7 @@ def finish_adapter(args: argparse.Namespace, report: dict[str, Any], requests: l
     import json
 
     from odedit_hf.editing.saving import write_adapter_files
+    from odedit_hf.evaluation import write_json_atomic
     from odedit_hf.sharing import edited_facts, model_card, push_adapter
 
     folder = args._adapter_dir
@@ -512,14 +507,8 @@ def finish_adapter(args: argparse.Namespace, report: dict[str, Any], requests: l
     card = model_card(
         report, base_model=args.base_model, facts=facts, repo_id=args.push_to_hub, adapter_dir=folder
     )
-    write_adapter_files(
-        folder,
-        {
-            "README.md": card,
-            "odedit_results.json": json.dumps(report, indent=2, default=str) + "\n",
-            "edited_facts.json": json.dumps(facts, indent=2) + "\n",
-        },
-    )
+    write_adapter_files(folder, {"README.md": card, "edited_facts.json": json.dumps(facts, indent=2) + "\n"})
+    write_json_atomic(os.path.join(folder, "odedit_results.json"), report)  # as --out: strict JSON
     if args.save_adapter:
         print(f"adapter (with model card, results and edited facts): {folder}", file=sys.stderr)
     if args.push_to_hub:
@@ -541,7 +530,11 @@ def run(args: argparse.Namespace) -> int:
             check_adapter_flags(args, len(requests))
             start = time.perf_counter()
             backbone = load_backbone(
-                args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype, device=device
+                args.model,
+                trust_remote_code=args.trust_remote_code,
+                dtype=args.dtype,
+                device=device,
+                progress=not args.no_progress,
             )
             load_s = time.perf_counter() - start
             config = {

@@ -162,7 +162,11 @@ def run(args: argparse.Namespace) -> int:
             device = resolve_device(args.device)
             requests, notes = load_requests(args)
             backbone = load_backbone(
-                args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype, device=device
+                args.model,
+                trust_remote_code=args.trust_remote_code,
+                dtype=args.dtype,
+                device=device,
+                progress=not args.no_progress,
             )
             bar = tqdm(total=len(requests), desc="eval", unit="request", disable=args.no_progress)
             try:

@@ -26,6 +26,7 @@ __all__ = [
     "ModelFilesError",
     "check_adapter_folder",
     "check_model_folder",
+    "check_model_weights",
     "check_safetensors_file",
     "load_adapter",
     "peft_wrapping_warnings_silenced",
@@ -239,9 +240,10 @@ def load_adapter(
 
 
 # ----------------------------------------------------------------------------------------- models
-def check_model_folder(folder: str) -> None:
-    """Check a local model folder before ``from_pretrained``: ``config.json`` present, weights in
-    safetensors (a folder with only pickle weights is refused), every ``*.safetensors`` readable.
+def check_model_folder(folder: str, *, weights: bool = True) -> None:
+    """Check a local model folder before ``from_pretrained``: ``config.json`` present and (``weights``)
+    weights in safetensors (a folder with only pickle weights is refused), every ``*.safetensors``
+    readable.
 
     Raises:
         ModelFilesError: what is missing or broken, the file, and what to do.
@@ -258,6 +260,18 @@ def check_model_folder(folder: str) -> None:
             f"{folder} has no config.json, so it is not a saved transformers model (save one with "
             f"model.save_pretrained(folder)){hint}"
         )
+    if weights:
+        check_model_weights(folder)
+
+
+def check_model_weights(folder: str) -> None:
+    """The weights part of :func:`check_model_folder`.
+
+    Raises:
+        ModelFilesError: no safetensors weights (pickle only, or none), or an unreadable file (named).
+    """
+    folder = os.path.abspath(folder)
+    names = set(os.listdir(folder))
     shards = sorted(n for n in names if n.endswith(".safetensors"))
     if not shards:
         pickles = sorted(n for n in names if n in PICKLE_MODEL_FILES or n.startswith("pytorch_model-"))

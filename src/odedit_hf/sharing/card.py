@@ -17,7 +17,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FACTS_SHOWN", "edited_facts", "model_card", "resolve_base_model"]
+__all__ = ["FACTS_SHOWN", "adapter_protocol_problem", "edited_facts", "model_card", "resolve_base_model"]
 
 #: How many edited facts the card lists (all of them are in ``edited_facts.json``).
 FACTS_SHOWN = 20
@@ -31,6 +31,32 @@ _LOCALITY = (
     ("t_locality", "t_locality_easyedit", "Text locality (unrelated question)"),
     ("m_locality", "m_locality_easyedit", "Multimodal locality (unrelated image question)"),
 )
+
+
+def adapter_protocol_problem(protocol: str, n_edits: int, batch_size: int | None) -> str | None:
+    """Why no single adapter of this run holds every edit (``None`` when one does).
+
+    ``sequential`` keeps one adapter across the edits (and ``eval`` scores one adapter); ``single`` and
+    ``batch`` roll the adapter back after each edit (batch), so an adapter of theirs holds every edit
+    only when there is one edit (one batch).
+    """
+    if protocol in ("sequential", "eval"):
+        return None
+    if protocol == "single" and n_edits <= 1:
+        return None
+    if protocol == "batch" and (batch_size or 10) >= n_edits:
+        return None
+    detail = (
+        f"--protocol single rolls the adapter back after each of the {n_edits} edits"
+        if protocol == "single"
+        else f"--protocol batch with --batch-size {batch_size or 10} rolls the adapter back after each batch "
+        f"of the {n_edits} edits"
+    )
+    return (
+        f"{detail}, so no adapter ever holds all of them; to save one adapter with every edit use "
+        f"--protocol sequential (edits applied one after another) or --protocol batch --batch-size {n_edits} "
+        "(all edits in one optimisation)"
+    )
 
 
 def edited_facts(requests: Sequence[Any]) -> list[dict[str, Any]]:
@@ -94,7 +120,8 @@ def _metric_table(results: Mapping[str, Any]) -> list[str]:
     post, final = aggregates.get("post"), aggregates.get("final")
     if not post:
         return ["(the results file holds no aggregate scores)"]
-    columns = [("right after each edit", post)] + ([("on the final model", final)] if final else [])
+    first = "with this adapter" if results.get("protocol") == "eval" else "right after each edit"
+    columns = [(first, post)] + ([("on the final model", final)] if final else [])
     header = "| metric | " + " | ".join(f"{name}: accuracy / exact match" for name, _ in columns) + " |"
     lines = [header, "|---|" + "---|" * len(columns)]
     for acc, em, label in _ACCURACY:
@@ -155,6 +182,11 @@ def model_card(
             "model_card: results must be an odedit-hf results document (the JSON that 'odedit-hf edit --out' "
             "writes), with 'method' and 'aggregates'"
         )
+    problem = adapter_protocol_problem(
+        str(results.get("protocol")), int(results.get("n_edits") or 0), results.get("batch_size")
+    )
+    if problem is not None:
+        raise ValueError(f"these results cannot describe one adapter: {problem}")
     adapter_config = adapter_config if adapter_config is not None else _read_adapter_config(adapter_dir)
     base = resolve_base_model(results, adapter_config, base_model)
     config = results.get("config") or {}
