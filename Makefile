@@ -27,12 +27,16 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.kernels
 
 # Mutation testing of the modules listed under [tool.mutmut] in pyproject.toml (slow: not in CI).
-# One module: make mutation MUTANTS='odedit_hf.evaluation.metrics*'; results: $(BIN)/mutmut results.
+# Runs in build/mutation, a copy where decorated functions are rewritten so that mutmut mutates them
+# (tests/_mutation_stage.py). One module: make mutation MUTANTS='odedit_hf.evaluation.metrics*'.
 MUTANTS ?=
+MUTATION_DIR := build/mutation
 mutation: $(STAMP)
 	$(BIN)/pip install -q -e '.[mutation]'
-	PYTHONPATH=$(CURDIR)/kernels OMP_NUM_THREADS=1 HYPOTHESIS_PROFILE=mutation $(BIN)/mutmut run $(MUTANTS)
-	$(BIN)/mutmut results
+	$(BIN)/python tests/_mutation_stage.py $(MUTATION_DIR)
+	cd $(MUTATION_DIR) && PYTHONPATH=$(CURDIR)/$(MUTATION_DIR)/kernels OMP_NUM_THREADS=1 HYPOTHESIS_PROFILE=mutation \
+		$(CURDIR)/$(BIN)/mutmut run $(MUTANTS)
+	cd $(MUTATION_DIR) && $(CURDIR)/$(BIN)/mutmut results
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info mutants
+	rm -rf $(VENV) .pytest_cache build *.egg-info
