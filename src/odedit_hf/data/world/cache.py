@@ -39,6 +39,6 @@ def read_info(root: str) -> dict | None:
         info = json.load(fh)
     if not isinstance(info, dict) or "world_version" not in info:
         raise ValueError(
-            f"{path} is not an odedit-hf world_info.json; delete {root} or build with force=True"
+            f"{path} is not an odedit-hf world_info.json; delete {root} or rebuild it (odedit-hf world build --force; force=True in Python)"
         )
     return info
