@@ -13,6 +13,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import stat
 
 import pytest
 
@@ -438,3 +439,64 @@ def test_build_reuses_the_model_of_an_older_version_with_the_same_content(micro_
     monkeypatch.setattr(build_module, "_build_into", fake_training)
     with pytest.raises(RuntimeError, match="stop here"):
         build_world("micro", 0, out=cache / "micro-seed0-vX", progress=False, force=True)
+
+
+def test_a_built_world_gets_the_umask_modes_not_private_temporaries(micro_world):
+    # a shared world cache must be readable as the umask allows (the build writes through 0600/0700
+    # temporaries, and once left the whole world private)
+    from odedit_hf.editing.saving import default_mode
+
+    root = micro_world.root
+    assert stat.S_IMODE(os.stat(root).st_mode) == default_mode(directory=True)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            assert stat.S_IMODE(os.stat(os.path.join(folder, name)).st_mode) == default_mode(
+                directory=True
+            ), name
+        for name in files:
+            assert stat.S_IMODE(os.stat(os.path.join(folder, name)).st_mode) == default_mode(), name
+
+
+def test_world_files_are_written_with_the_umask_mode(tmp_path):
+    from odedit_hf.data.world.export import write_bytes_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_bytes_atomic(str(tmp_path / "a.json"), b"[]")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o640
+
+
+def test_world_training_bars_show_the_loss_instead_of_printing_log_dicts(tmp_path, capfd):
+    # Trainer's ProgressCallback writes "{'loss': ...}" lines between the bars; the world build shows the
+    # loss on the bar instead (and still logs it)
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from odedit_hf.data.world.pretrain import _use_bar_postfix
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(2, 1)
+
+        def forward(self, x, labels):
+            return {"loss": ((self.w(x).squeeze(-1) - labels) ** 2).mean()}
+
+    data = [{"x": torch.ones(2), "labels": torch.tensor(1.0)}] * 8
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=4,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+    )
+    trainer = Trainer(model=Tiny(), args=args, train_dataset=data)
+    _use_bar_postfix(trainer)
+    trainer.train()
+    out, err = capfd.readouterr()
+    assert "{'loss'" not in out + err
+    assert "loss=" in err  # on the bar

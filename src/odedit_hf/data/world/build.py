@@ -507,6 +507,11 @@ def build_world(
                 os.makedirs(tmp)
             info = _build_into(tmp, world, progress=progress, threads=threads)
         write_bytes_atomic(os.path.join(tmp, INFO_FILE), (json.dumps(info, indent=1) + "\n").encode())
+        # mkdtemp/mkstemp make private (0700/0600) temporaries: give the world the umask's modes, so a
+        # shared cache is readable by whoever the umask allows, as files written with open() would be
+        from odedit_hf.editing.saving import _apply_default_modes
+
+        _apply_default_modes(tmp)
         if os.path.isdir(root):
             shutil.rmtree(root)
         os.replace(tmp, root)

@@ -83,6 +83,9 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        from odedit_hf.editing.saving import default_mode
+
+        os.chmod(tmp, default_mode())  # mkstemp's 0600 -> the umask's mode, as open() would give
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

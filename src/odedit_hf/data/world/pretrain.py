@@ -303,6 +303,8 @@ def train_model(
         if not progress:  # without bars, Trainer prints its logs to stdout; send them to the logger only
             trainer.remove_callback(PrinterCallback)
             trainer.add_callback(_LogCallback())
+        else:  # with bars, Trainer writes its log dicts between them; show the loss on the bar instead
+            _use_bar_postfix(trainer)
         start = time.perf_counter()
         try:
             result = trainer.train()
@@ -397,6 +399,8 @@ def pretrain_vision(
         if not progress:
             trainer.remove_callback(PrinterCallback)
             trainer.add_callback(_LogCallback())
+        else:
+            _use_bar_postfix(trainer)
         start = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - start
@@ -441,6 +445,35 @@ def _training_arguments(
         disable_tqdm=not progress,
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+def _use_bar_postfix(trainer: Any) -> None:
+    """Replace the Trainer's ProgressCallback by one that puts the logs on the bar (and the logger)."""
+    from transformers import ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_postfix_progress_cls()())
+
+
+def _postfix_progress_cls() -> type:
+    from transformers import ProgressCallback
+
+    class _PostfixProgress(ProgressCallback):
+        """``ProgressCallback`` whose logs go to the bar's postfix and the logger, not printed between bars."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            if state.is_world_process_zero and self.training_bar is not None:
+                shown = {
+                    k: f"{v:.4g}"
+                    for k, v in logs.items()
+                    if k in ("loss", "learning_rate") and isinstance(v, float)
+                }
+                if shown:
+                    self.training_bar.set_postfix(shown, refresh=False)
+            logger.info("step %d: %s", state.global_step, logs)
+
+    return _PostfixProgress
 
 
 class _LogCallback(TrainerCallback):
