@@ -122,3 +122,83 @@ def test_report_renders_in_a_headless_browser(results_files, tmp_path):
     assert sorted(src for src, _, _ in images) == ["metrics.png", "outcomes.png", "sequential.png"]
     assert all(width > 100 and height > 50 for _, width, height in images), images
     assert os.path.getsize(out / "metrics.png") > 0
+
+
+@pytest.fixture(scope="module")
+def saved_lora_edit(results_files, tmp_path_factory):
+    """A LoRA sequential run of the three records with its adapter saved: (model dir, data, adapter, results)."""
+    folder = os.path.dirname(results_files[0])
+    model, data = os.path.join(folder, "model"), os.path.join(folder, "edits.json")
+    out = tmp_path_factory.mktemp("saved")
+    argv = ["edit", "--model", model, "--data", data, "--method", "lora", "--protocol", "sequential"]
+    argv += [
+        "--lora.steps",
+        "10",
+        "--no-progress",
+        "--save-adapter",
+        str(out / "adapter"),
+        "--out",
+        str(out / "r.json"),
+    ]
+    assert main(argv) == 0
+    return model, data, str(out / "adapter"), str(out / "r.json")
+
+
+def test_report_projects_hidden_states_before_and_after_the_edit(saved_lora_edit, tmp_path):
+    model, data, adapter, results = saved_lora_edit
+    out = tmp_path / "report"
+    argv = [
+        "report",
+        results,
+        "--out",
+        str(out),
+        "--projection-adapter",
+        adapter,
+        "--model",
+        model,
+        "--data",
+        data,
+    ]
+    assert main(argv) == 0
+    page = (out / "index.html").read_text()
+    assert "projection.png" in re.findall(r"<img src='([^']+)'", page)
+    assert (out / "projection.png").read_bytes().startswith(PNG_MAGIC)
+    from odedit_hf.reporting.projection import Projection
+
+    proj = Projection.from_json((out / "projection.json").read_text())
+    assert proj.groups == ["edit", "rephrase", "image_rephrase", "loc", "m_loc"]
+    assert len(proj.points) == 3 * 5 * 2 and proj.method == "lora"
+    assert 0.0 < sum(proj.explained) <= 1.0 + 1e-9
+    # the edit moved the edit prompt's state (before = adapter disabled, after = enabled)
+    assert proj.shift["edit"] > 1e-3
+    moved = {
+        (p["case_id"], p["group"]): p for p in proj.points if p["stage"] == "after" and p["group"] == "edit"
+    }
+    still = {
+        (p["case_id"], p["group"]): p for p in proj.points if p["stage"] == "before" and p["group"] == "edit"
+    }
+    assert any(abs(moved[k]["x"] - still[k]["x"]) + abs(moved[k]["y"] - still[k]["y"]) > 1e-6 for k in moved)
+
+
+def test_an_identity_adapter_moves_nothing_in_the_projection(saved_lora_edit):
+    from peft import LoraConfig, get_peft_model
+
+    from odedit_hf.cli.edit import load_backbone
+    from odedit_hf.data import load_mmedit
+    from odedit_hf.reporting.projection import hidden_state_projection
+
+    model, data, _, _ = saved_lora_edit
+    backbone = load_backbone(model, device="cpu", progress=False)
+    requests = list(load_mmedit(data, image_root=os.path.dirname(data)))
+    peft_model = get_peft_model(backbone.model, LoraConfig(r=2, target_modules=["down_proj"]))  # B = 0
+    proj = hidden_state_projection(peft_model, backbone, requests)
+    assert all(v == 0.0 for v in proj.shift.values()), proj.shift
+    pos = {(p["case_id"], p["group"], p["stage"]): (p["x"], p["y"]) for p in proj.points}
+    assert all(pos[(c, g, "before")] == pytest.approx(pos[(c, g, "after")], abs=1e-9) for c, g, _ in pos)
+
+
+def test_report_projection_options_need_each_other(results_files, tmp_path, capsys):
+    assert main(["report", results_files[0], "--out", str(tmp_path / "r"), "--projection-adapter", "x"]) == 2
+    assert "needs --model" in capsys.readouterr().err
+    assert main(["report", results_files[0], "--out", str(tmp_path / "r2"), "--model", "m"]) == 2
+    assert "add --projection-adapter" in capsys.readouterr().err

@@ -17,6 +17,9 @@ _LAZY = {
     "sequential_curves": "figures",
     "outcome_strips": "figures",
     "write_report": "page",
+    "Projection": "projection",
+    "hidden_state_projection": "projection",
+    "projection_figure": "projection",
 }
 
 __all__ = sorted(_LAZY)

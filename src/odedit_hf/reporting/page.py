@@ -104,12 +104,18 @@ def _compact(value: Any) -> str:
 
 
 def write_report(
-    results: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *, title: str | None = None
+    results: Iterable[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    projection: Any = None,
 ) -> dict[str, Any]:
     """Write ``index.html`` and its PNG figures into ``out_dir`` from results files.
 
     Figures: ``metrics.png`` (always), ``sequential.png`` (when a run is sequential),
-    ``outcomes.png`` (always). Every file is written atomically.
+    ``outcomes.png`` (always), ``projection.png`` (with ``projection``, a
+    :class:`~odedit_hf.reporting.projection.Projection`; its points go to ``projection.json``). Every
+    file is written atomically.
 
     Returns:
         ``{"html": path, "figures": {name: path}}``.
@@ -153,6 +159,26 @@ def write_report(
             "One cell per edit and metric, red (0) to green (1); sequential runs on the final model.",
         ),
     ]
+    if projection is not None:
+        from .projection import PROJECTION_GROUPS, projection_figure
+
+        shifts = ", ".join(
+            f"{html.escape(PROJECTION_GROUPS.get(g, g))} {projection.shift[g]:.3f}" for g in projection.groups
+        )
+        made.append(
+            (
+                "projection.png",
+                projection_figure(projection),
+                "Hidden states before and after the edit",
+                "The last prompt token's last-layer hidden state of each prompt of "
+                f"{len({p['case_id'] for p in projection.points})} edits, before (hollow) and after (filled) the edit, "
+                "on the two principal axes of all of them; a line joins each prompt's two positions. Median relative "
+                f"shift ||h<sub>after</sub> &minus; h<sub>before</sub>|| / ||h<sub>before</sub>|| in the full space: {shifts}.",
+            )
+        )
+        figures["projection.json"] = write_bytes_atomic(
+            os.path.join(out, "projection.json"), projection.to_json().encode("utf-8")
+        )
     for name, fig, heading, caption in made:
         if fig is None:
             continue
