@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates docs/examples/: results of FT-L, LoRA and ODEdit+LoRA on the embedded tiny world (single
 # protocol, 20 edits, seeds 0-2; sequential, 20 edits, seeds 0-1), the report made from them, and the
-# model card of the ODEdit+LoRA sequential adapter (seed 0).
+# model card of the ODEdit+LoRA sequential adapter (seed 0) and the hidden-state projection of its edits.
 #   bash docs/examples/make_examples.sh            (the tiny world is built first if it is not cached)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,4 +31,6 @@ done
 rm -rf /tmp/odedit-hf-example-staged
 $ODEDIT push /tmp/odedit-hf-example-adapter user/odedit-lora-tiny-world --dry-run /tmp/odedit-hf-example-staged
 cp /tmp/odedit-hf-example-staged/README.md model_card_odedit-lora_sequential.md
-$ODEDIT report "$OUT"/*.json --out report --title "odedit-hf example: tiny world, 20 edits"
+# the report, with the hidden-state projection of the ODEdit+LoRA sequential adapter's 20 edits
+$ODEDIT report "$OUT"/*.json --out report --title "odedit-hf example: tiny world, 20 edits" \
+  --projection-adapter /tmp/odedit-hf-example-adapter --model "$WORLD/model" --data "$WORLD" --n $N
