@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src kernels tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.kernels
+	$(BIN)/python -m benchmarks.kernel_bench
 
 # Mutation testing of the modules listed under [tool.mutmut] in pyproject.toml (slow: not in CI).
 # Runs in build/mutation, a copy where decorated functions are rewritten so that mutmut mutates them

@@ -1,6 +1,6 @@
 """Microbenchmarks of the kernels against eager torch and ``torch.compile`` (and Liger's KL if installed).
 
-Shared by ``python -m benchmarks.kernels`` and ``odedit-hf bench kernels``: this module measures and
+Shared by ``python -m benchmarks.kernel_bench`` and ``odedit-hf bench kernels``: this module measures and
 formats, the callers print. Rows carry impl | op | shape | mode | ms p50 (p20–p80) | TFLOP/s or
 GB/s | peak MB | speedup; a speedup is given only when that impl matched the eager reference in the
 same run (checked on the benchmark inputs before timing, or on a reduced shape where eager torch

@@ -1,7 +1,7 @@
 """``odedit-hf bench kernels``: the kernel microbenchmarks (measuring code in :mod:`odedit_kernels.bench`).
 
 The options are defined here, without importing torch, so that ``odedit-hf --help`` stays fast;
-``python -m benchmarks.kernels`` reuses :func:`add_kernel_arguments`.
+``python -m benchmarks.kernel_bench`` reuses :func:`add_kernel_arguments`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ OPS = ("mmd", "kl", "nll")
 
 
 def add_kernel_arguments(parser: argparse.ArgumentParser, *, default_out: str) -> argparse.ArgumentParser:
-    """Options of the kernel benchmark (shared with ``python -m benchmarks.kernels``)."""
+    """Options of the kernel benchmark (shared with ``python -m benchmarks.kernel_bench``)."""
     parser.add_argument(
         "--device", choices=("auto", "cuda", "cpu"), default="auto", help="default: CUDA if present"
     )

@@ -1,4 +1,4 @@
-"""Kernel microbenchmarks: ``python -m benchmarks.kernels [--device cpu|cuda] [--compile] [--out DIR]``.
+"""Kernel microbenchmarks: ``python -m benchmarks.kernel_bench [--device cpu|cuda] [--compile] [--out DIR]``.
 
 Prints a table (impl | op | shape | mode | ms p50 (p20–p80) | TFLOP/s or GB/s | peak MB | speedup)
 headed by device, versions and commit, and writes CSV + JSON rows to benchmarks/out/ (gitignored) or
@@ -20,7 +20,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_bench", description=__doc__.splitlines()[0])
     add_kernel_arguments(parser, default_out=str(DEFAULT_OUT))
     parser.add_argument("-v", "--verbose", action="store_true", help="log each measurement")
     args = parser.parse_args(argv)
