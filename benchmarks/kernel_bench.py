@@ -20,7 +20,9 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.kernel_bench", description=__doc__.splitlines()[0]
+    )
     add_kernel_arguments(parser, default_out=str(DEFAULT_OUT))
     parser.add_argument("-v", "--verbose", action="store_true", help="log each measurement")
     args = parser.parse_args(argv)
