@@ -71,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
         build_method,
         check_output_file,
         load_backbone,
+        memory_check,
+        parse_device_map,
+        parse_max_memory,
+        placement,
         quiet_known_warnings,
         resolve_device,
         run_edits,
@@ -96,9 +100,16 @@ def run(args: argparse.Namespace) -> int:
             )
             print(f"world ready in {time.perf_counter() - start:.1f} s: model {model_dir}", file=sys.stderr)
             requests = list(load_mmedit(eval_file, image_root, rephrase_root, limit=args.n))
+            device_map = parse_device_map(args.device_map)
             backbone = load_backbone(
-                model_dir, dtype=args.dtype, device=device, progress=not args.no_progress
+                model_dir,
+                dtype=args.dtype,
+                device=device,
+                progress=not args.no_progress,
+                device_map=device_map,
+                max_memory=parse_max_memory(args.max_memory, device_map),
             )
+            memory = memory_check(args, method, backbone, requests)
             config = {
                 "world": args.preset,
                 "world_seed": args.world_seed,
@@ -106,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
                 "model_class": type(backbone.model).__name__,
                 "data": eval_file,
                 "method": method.resolved_config(),
+                "device_map": placement(backbone.model) if args.device_map else None,
+                "memory_estimate": memory,
             }
             report = run_edits(args, method, backbone, requests, config=config)
     except (CLIError, ValueError, FileNotFoundError) as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -152,7 +153,58 @@ def add_edit_arguments(
     run.add_argument(
         "--dtype", default="auto", choices=_DTYPES, help="model dtype (default: the checkpoint's)"
     )
+    run.add_argument(
+        "--device-map",
+        metavar="MAP",
+        help="place the model across devices as transformers does: auto, balanced, balanced_low_0, sequential, "
+        "or a JSON map {module: device} (needs accelerate; replaces --device)",
+    )
+    run.add_argument(
+        "--max-memory",
+        metavar="SPEC",
+        help="with --device-map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=64GiB'",
+    )
+    run.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="run even when the memory estimate printed before the run exceeds the device's free memory",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_device_map(text: str | None) -> Any:
+    """``--device-map``: a strategy name or a JSON ``{module: device}`` map; None when not given."""
+    if text is None:
+        return None
+    if text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict) or not value:
+        raise CLIError(
+            f"--device-map {text!r}: give auto, balanced, balanced_low_0, sequential or a JSON object such as "
+            '\'{"": "cpu"}\' or \'{"model.language_model": 0, "lm_head": 0, "model.vision_tower": "cpu"}\''
+        )
+    return value
+
+
+def parse_max_memory(text: str | None, device_map: Any) -> dict[Any, str] | None:
+    """``--max-memory '0=20GiB,cpu=64GiB'`` -> ``{0: "20GiB", "cpu": "64GiB"}`` (accelerate's form)."""
+    if text is None:
+        return None
+    if device_map is None:
+        raise CLIError("--max-memory only applies with --device-map (e.g. --device-map auto)")
+    out: dict[Any, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.strip().partition("=")
+        if not sep or not key or not value:
+            raise CLIError(
+                f"--max-memory {text!r}: write DEVICE=SIZE pairs separated by commas, e.g. 0=20GiB,cpu=64GiB"
+            )
+        out[int(key) if key.isdigit() else key] = value
+    return out
 
 
 def add_parser(subparsers: Any, name: str = "edit", help: str | None = None) -> argparse.ArgumentParser:
@@ -251,12 +303,15 @@ def load_backbone(
     dtype: str = "auto",
     device: Any = None,
     progress: bool = True,
+    device_map: Any = None,
+    max_memory: dict[Any, str] | None = None,
 ) -> Any:
     """Load a model and its processor (safetensors only) and wrap them in a :class:`~odedit_hf.backbones.Backbone`.
 
     The model type must be in the backbone registry; a multimodal family loads with
     ``AutoModelForImageTextToText`` and ``AutoProcessor``, a text-only one with ``AutoModelForCausalLM``
-    and ``AutoTokenizer``.
+    and ``AutoTokenizer``. With ``device_map`` (and ``max_memory``) transformers places the model across
+    devices through accelerate, and ``device`` is not used.
     """
     import torch
     import transformers
@@ -304,8 +359,15 @@ def load_backbone(
     bar_was_on = hf_logging.is_progress_bar_enabled()
     if not progress:  # transformers 5 draws a "Loading weights" bar of its own
         hf_logging.disable_progress_bar()
+    placement = {}
+    if device_map is not None:
+        placement["device_map"] = device_map
+        if max_memory:
+            placement["max_memory"] = max_memory
     try:
-        loaded = model_cls.from_pretrained(model, use_safetensors=True, dtype=torch_dtype, **common)
+        loaded = model_cls.from_pretrained(
+            model, use_safetensors=True, dtype=torch_dtype, **placement, **common
+        )
     except (OSError, ValueError, SafetensorError) as exc:  # a Hub model; local folders were checked above
         raise CLIError(
             f"--model {model!r}: cannot load its weights ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); "
@@ -314,10 +376,37 @@ def load_backbone(
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
-    if device is not None:
+    if device is not None and device_map is None:
         loaded = loaded.to(device)
     loaded.eval()
     return Backbone(loaded, processor)
+
+
+def placement(model: Any) -> dict[str, str]:
+    """Where the model's modules are: transformers' ``hf_device_map`` when it spans several devices, else
+    ``{"": device}`` (transformers 5 sets no map for a model on one device)."""
+    mapping = getattr(model, "hf_device_map", None)
+    if mapping:
+        return {str(k): str(v) for k, v in mapping.items()}
+    devices = sorted({str(p.device) for p in model.parameters()})
+    return {"": devices[0]} if len(devices) == 1 else {"": ",".join(devices)}
+
+
+def memory_check(args: argparse.Namespace, method: Any, backbone: Any, requests: list[Any]) -> dict[str, Any]:
+    """Print the memory estimate of the run (stderr); refuse a run that cannot fit unless --no-memory-check."""
+    from odedit_hf.editing.memory import estimate_edit_memory
+
+    batch = (args.batch_size or 10) if args.protocol == "batch" else 1
+    estimate = estimate_edit_memory(method, backbone, requests, batch_size=batch)
+    print(estimate.format(), file=sys.stderr)
+    if not estimate.fits() and not getattr(args, "no_memory_check", False):
+        raise CLIError(
+            f"the run is estimated to need {estimate.total / 2**30:.2f} GiB on {estimate.device}, which has "
+            f"{(estimate.available or 0) / 2**30:.2f} GiB free: try --dtype bfloat16, --device-map auto (with "
+            "--max-memory), a smaller --batch-size or a smaller method (e.g. --method lora); "
+            "--no-memory-check runs anyway"
+        )
+    return estimate.as_dict()
 
 
 def resolve_data(
@@ -529,14 +618,19 @@ def run(args: argparse.Namespace) -> int:
             requests, notes = load_requests(args)
             check_adapter_flags(args, len(requests))
             start = time.perf_counter()
+            device_map = parse_device_map(args.device_map)
+            max_memory = parse_max_memory(args.max_memory, device_map)
             backbone = load_backbone(
                 args.model,
                 trust_remote_code=args.trust_remote_code,
                 dtype=args.dtype,
                 device=device,
                 progress=not args.no_progress,
+                device_map=device_map,
+                max_memory=max_memory,
             )
             load_s = time.perf_counter() - start
+            memory = memory_check(args, method, backbone, requests)
             config = {
                 "model": args.model,
                 "model_class": type(backbone.model).__name__,
@@ -545,6 +639,8 @@ def run(args: argparse.Namespace) -> int:
                 "method": method.resolved_config(),
                 "n_requested": args.n,
                 "model_load_s": load_s,
+                "device_map": placement(backbone.model) if args.device_map else None,
+                "memory_estimate": memory,
                 **notes,
             }
             report = run_edits(args, method, backbone, requests, config=config)

@@ -210,6 +210,11 @@ class Editor:
         """The tensors an edit optimises, in ``model.parameters()`` order."""
         return trainable_parameters(peft_model)
 
+    def extra_memory_bytes(self, num_edit_parameters: int) -> int:
+        """Bytes of the method's own state beyond the edit parameters, their gradients and Adam state (a
+        hypernetwork, a λ-network, a memory), for :func:`odedit_hf.editing.memory.estimate_edit_memory`."""
+        return 0
+
     def snapshot(self, peft_model: PeftModel, adapter_name: str, base: BaseWeights | None = None) -> Any:
         """An object whose ``restore()`` puts the adapter back to its state now (rollback, re-initialise)."""
         from .rollback import AdapterSnapshot

@@ -422,6 +422,16 @@ class Wrapper(Editor):
     def snapshot(self, peft_model: PeftModel, adapter_name: str, base: BaseWeights | None = None) -> Any:
         return self.editor.snapshot(peft_model, adapter_name, base=base)
 
+    def extra_memory_bytes(self, num_edit_parameters: int) -> int:
+        """The editor's own state plus the wrapper's (:meth:`wrapper_memory_bytes`)."""
+        return self.editor.extra_memory_bytes(num_edit_parameters) + self.wrapper_memory_bytes(
+            num_edit_parameters
+        )
+
+    def wrapper_memory_bytes(self, num_edit_parameters: int) -> int:
+        """Bytes of the wrapper's own state (default 0; ODEdit: its λ-network)."""
+        return 0
+
     def resolved_config(self) -> dict[str, Any]:
         """Name, the wrapper's options *resolved* (every field of its config, defaults included) and the
         editor's resolved config."""

@@ -1,0 +1,226 @@
+"""A memory estimate of an edit run, printed before it starts, and a check that it fits.
+
+The estimate adds up, in bytes:
+
+* **model** -- the loaded parameters and buffers (exact, as loaded: dtype and placement included);
+* **edit parameters** -- what the method trains per edit (exact: the method's adapter is wrapped once on
+  the model, its ``edit_parameters`` counted, and unloaded), their **gradients** (same size) and the
+  **optimiser state** (Adam: two fp32 moments per trainable value); editors whose state grows with
+  every edit (GRACE codebooks, T-Patcher neurons, WISE memories) have few or no parameters before the
+  first edit, which the line says;
+* the method's **own state** (:meth:`~odedit_hf.editing.Editor.extra_memory_bytes`, e.g. ODEdit's
+  λ-network with its gradients);
+* **activations** kept for the backward pass of one step -- a standard transformer estimate (Korthikanti
+  et al., 2022: ``s·b·h·(34 + 5·a·s/h)`` bytes per layer in 16-bit, doubled for fp32) on the prompts of one
+  step (the edit prompt, its rephrases, the locality prompts; ``batch_size`` requests for the batch
+  protocol), plus the fp32 logits, their softmax and gradient over the vocabulary.
+
+It is an estimate (allocator slack, CUDA context and fragmentation are not counted): the check refuses
+a run only when the estimate exceeds what the device has free, and says what to change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MemoryEstimate", "available_bytes", "estimate_edit_memory"]
+
+_GiB = 2**30
+
+
+def _fmt(n: int) -> str:
+    return f"{n / _GiB:.2f} GiB" if n >= _GiB // 10 else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per component (see the module docstring); ``available`` is the device's free memory."""
+
+    device: str
+    model: int
+    edit_parameters: int
+    num_edit_parameters: int
+    gradients: int
+    optimizer_state: int
+    method_state: int
+    activations: int
+    tokens_per_step: int
+    available: int | None
+    grows_per_edit: bool = False
+
+    @property
+    def total(self) -> int:
+        return (
+            self.model
+            + self.edit_parameters
+            + self.gradients
+            + self.optimizer_state
+            + self.method_state
+            + self.activations
+        )
+
+    def fits(self) -> bool:
+        return self.available is None or self.total <= self.available
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "model_bytes": self.model,
+            "edit_parameters": self.num_edit_parameters,
+            "edit_parameter_bytes": self.edit_parameters,
+            "gradient_bytes": self.gradients,
+            "optimizer_state_bytes": self.optimizer_state,
+            "method_state_bytes": self.method_state,
+            "activation_bytes": self.activations,
+            "tokens_per_step": self.tokens_per_step,
+            "total_bytes": self.total,
+            "available_bytes": self.available,
+            "grows_per_edit": self.grows_per_edit,
+        }
+
+    def format(self) -> str:
+        grows = " (grows with every edit: counted before the first)" if self.grows_per_edit else ""
+        lines = [
+            f"memory estimate on {self.device}:",
+            f"  model (parameters + buffers)  {_fmt(self.model):>12}",
+            f"  edit parameters{grows:<14} {_fmt(self.edit_parameters):>12}  ({self.num_edit_parameters:,} values)",
+            f"  their gradients               {_fmt(self.gradients):>12}",
+            f"  optimiser state (Adam)        {_fmt(self.optimizer_state):>12}",
+            f"  method state                  {_fmt(self.method_state):>12}",
+            f"  activations of one step       {_fmt(self.activations):>12}  ({self.tokens_per_step} tokens)",
+            f"  total                         {_fmt(self.total):>12}",
+        ]
+        if self.available is not None:
+            lines.append(f"  free on the device            {_fmt(self.available):>12}")
+        return "\n".join(lines)
+
+
+def available_bytes(device: Any) -> int | None:
+    """Free memory of ``device``: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` on a Linux CPU, else None."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def _model_bytes(model: Any, device: Any) -> int:
+    """Bytes of the parameters and buffers on ``device`` (all of them when ``device`` is None)."""
+    total = 0
+    for t in (*model.parameters(), *model.buffers()):
+        if device is None or t.device == device:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _activation_bytes(backbone: Any, requests: list[Any], dtype_bytes: int) -> tuple[int, int]:
+    """(bytes, tokens) of one step's activations on the prompts of ``requests``."""
+    from odedit_hf.editing.environments import GROUPS, build_edit_batch
+
+    groups = [g for g in GROUPS if g == "edit" or _has(requests, g)]
+    batch = build_edit_batch(backbone, requests, groups, num_rephrases=1, device="cpu")
+    config = backbone.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(text, "num_attention_heads", 1) or 1)
+    vocab = int(getattr(text, "vocab_size", 0) or 0)
+    total, tokens = 0, 0
+    for b in batch.batches:
+        rows, seq = b["input_ids"].shape
+        tokens += int(b["attention_mask"].sum())
+        per_layer = seq * rows * hidden * (34 + 5 * heads * seq / max(hidden, 1))  # 16-bit bytes
+        total += int(per_layer * layers * dtype_bytes / 2)
+        total += rows * seq * vocab * 4 * 3  # fp32 logits, their softmax and their gradient
+    return total, tokens
+
+
+def _has(requests: list[Any], group: str) -> bool:
+    field = {"rephrase": "rephrase", "image_rephrase": "image_rephrase", "loc": "loc", "m_loc": "m_loc"}[
+        group
+    ]
+    return all(getattr(r, field, None) not in (None, "") for r in requests)
+
+
+def estimate_edit_memory(
+    method: Any, backbone: Any, requests: list[Any], *, batch_size: int = 1
+) -> MemoryEstimate:
+    """The memory estimate of editing ``requests`` with ``method`` on ``backbone`` (see the module docstring).
+
+    The method's adapter is wrapped once on ``backbone.model`` to count its trainable values, and
+    unloaded; the base weights are checked unchanged afterwards.
+
+    Raises:
+        ValueError: the model already carries adapters, or no requests.
+    """
+    from peft import get_peft_model
+
+    from odedit_hf.editing.editor import model_device
+    from odedit_hf.editing.rollback import BaseWeights
+
+    if not requests:
+        raise ValueError("estimate_edit_memory: give at least one request")
+    model = backbone.model
+    if hasattr(model, "peft_config"):
+        raise ValueError(
+            "estimate_edit_memory: the model already carries PEFT adapters; pass the plain model"
+        )
+    device = model_device(model)
+    base = BaseWeights(model)
+    digest = base.digest()
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # the trial wrap draws adapter inits: leave the RNG as it was
+        peft_model = get_peft_model(model, method.peft_config(backbone))
+    try:
+        try:
+            params = list(method.edit_parameters(peft_model))
+        except ValueError:  # growing editors: no trainable parameter before the first edit
+            params = []
+        num = sum(p.numel() for p in params)
+        edit_bytes = sum(p.numel() * p.element_size() for p in params)
+    finally:
+        peft_model.unload()
+        base.restore_requires_grad()
+    base.check(digest, context="after the memory estimate's trial wrap")
+    dtype_bytes = next(model.parameters()).element_size()
+    activations, tokens = _activation_bytes(backbone, list(requests[: max(1, batch_size)]), dtype_bytes)
+    extra = getattr(method, "extra_memory_bytes", None)
+    placed = set(getattr(model, "hf_device_map", None) or {})
+    spread = len({str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
+    if spread:
+        logger.info(
+            "the model is placed over several devices: the estimate is a total, not checked per device"
+        )
+    return MemoryEstimate(
+        device=str(device),
+        model=_model_bytes(model, None if placed else device),
+        edit_parameters=edit_bytes,
+        num_edit_parameters=num,
+        gradients=edit_bytes,
+        optimizer_state=2 * 4 * num,
+        method_state=int(extra(num)) if callable(extra) else 0,
+        activations=activations,
+        tokens_per_step=tokens,
+        available=None if spread else available_bytes(device),
+        grows_per_edit=bool(getattr(method, "grows_per_edit", False)) or num == 0,
+    )
