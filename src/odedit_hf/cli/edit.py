@@ -398,7 +398,9 @@ def memory_check(args: argparse.Namespace, method: Any, backbone: Any, requests:
 
     batch = (args.batch_size or 10) if args.protocol == "batch" else 1
     estimate = estimate_edit_memory(method, backbone, requests, batch_size=batch)
-    print(estimate.format(), file=sys.stderr)
+    state = getattr(args, "_distributed", None)
+    if state is None or state.is_main_process:
+        print(estimate.format(), file=sys.stderr)
     if not estimate.fits() and not getattr(args, "no_memory_check", False):
         raise CLIError(
             f"the run is estimated to need {estimate.total / 2**30:.2f} GiB on {estimate.device}, which has "
@@ -526,20 +528,41 @@ def run_edits(
 
             save_adapter(peft_model, save_dir, overwrite=getattr(args, "overwrite", False))
 
+    state = getattr(args, "_distributed", None)
     try:
-        run = run_protocol(
-            args.protocol,
-            method,
-            backbone,
-            requests,
-            seed=args.seed,
-            batch_size=batch_size,
-            on_edit=on_edit,
-            on_adapter=on_adapter,
-        )
+        if state is not None:
+            from odedit_hf.evaluation.distributed import run_protocol_distributed
+
+            run = run_protocol_distributed(
+                args.protocol,
+                method,
+                backbone,
+                requests,
+                state=state,
+                seed=args.seed,
+                batch_size=batch_size,
+                on_edit=on_edit,
+            )
+            if run is None:  # not the main process: its rows went to the main one
+                return {}
+        else:
+            run = run_protocol(
+                args.protocol,
+                method,
+                backbone,
+                requests,
+                seed=args.seed,
+                batch_size=batch_size,
+                on_edit=on_edit,
+                on_adapter=on_adapter,
+            )
     finally:
         bar.close()
-    return build_report(run, config=config, device=str(model_device(backbone.model)))
+    report = build_report(run, config=config, device=str(model_device(backbone.model)))
+    if state is not None:
+        report["rollback"]["processes"] = run.processes
+        report["config"]["num_processes"] = state.num_processes
+    return report
 
 
 def check_adapter_flags(args: argparse.Namespace, n_edits: int) -> None:
@@ -610,11 +633,23 @@ def run(args: argparse.Namespace) -> int:
     from odedit_hf.evaluation import format_table, write_json_atomic
 
     args._adapter_dir = None
+    from odedit_hf.evaluation.distributed import distributed_state
+
+    state = args._distributed = distributed_state()
+    main_process = state is None or state.is_main_process
     try:
         with quiet_known_warnings():
             method = build_method(args)  # before loading anything: a bad --method fails fast
             check_output_file(args.out)
             device = resolve_device(args.device)
+            if state is not None:
+                if args.save_adapter or args.push_to_hub or args.device_map:
+                    raise CLIError(
+                        "under torchrun/accelerate launch each process edits its share of the requests on its "
+                        "own replica: --save-adapter, --push-to-hub and --device-map need one process"
+                    )
+                device = state.device
+                args.no_progress = args.no_progress or not state.is_main_process
             requests, notes = load_requests(args)
             check_adapter_flags(args, len(requests))
             start = time.perf_counter()
@@ -644,6 +679,8 @@ def run(args: argparse.Namespace) -> int:
                 **notes,
             }
             report = run_edits(args, method, backbone, requests, config=config)
+            if not main_process:
+                return 0
             path = write_json_atomic(args.out, report)
             print(format_table(report))
             print(f"\nresults: {path}")

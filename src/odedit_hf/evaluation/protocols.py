@@ -51,6 +51,7 @@ __all__ = [
     "PROTOCOLS",
     "LocalityReference",
     "ProtocolRun",
+    "edit_seed",
     "evaluate_request",
     "locality_reference",
     "run_batch",
@@ -356,6 +357,13 @@ def _check_seed(seed: int) -> int:
     return seed
 
 
+def edit_seed(seed: int, case_id: int) -> int:
+    """The RNG seed an edit of the single and batch protocols starts from: a function of the run's seed and
+    the (first) edited record's ``case_id`` only, so an edit's outcome does not depend on which edits ran
+    before it -- a subset of the requests, or a shard of them in another process, reproduces its rows."""
+    return (int(seed) * 1_000_003 + int(case_id)) % (2**63 - 1)
+
+
 # ------------------------------------------------------------------------------------ protocols
 def run_single(
     method: EditMethod,
@@ -408,6 +416,7 @@ def run_batch(
             chunk = requests[first : first + batch_size]
             references = [locality_reference(model, backbone, r) for r in chunk]
             session.snapshot.restore()  # a fresh adapter for this edit
+            torch.manual_seed(edit_seed(seed, chunk[0].case_id))  # the edit's own randomness, not its rank's
             with _measure(device) as m:
                 stats = method.edit(model, backbone, chunk)
             for request, reference in zip(chunk, references):

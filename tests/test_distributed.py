@@ -1,0 +1,127 @@
+"""The single protocol sharded over two processes (torchrun, gloo on CPU) writes the results one process
+writes; each edit's outcome depends on its own seed only, so any subset of the requests reproduces its rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from odedit_hf.cli.main import main
+from odedit_hf.evaluation.distributed import shard_bounds
+from odedit_hf.testing import tiny_backbone
+from odedit_hf.testing.tiny import tiny_image
+
+WORDS = ["what is the capital of France? Tokyo Paris London", "which animal is this? a red square blue yes"]
+RECORD = {
+    "src": "what is the capital of France?",
+    "pred": "Paris",
+    "image": "img0.png",
+    "rephrase": "capital of France?",
+    "image_rephrase": "img1.png",
+    "loc": "what is the capital of France?",
+    "loc_ans": "Paris",
+    "m_loc": "img1.png",
+    "m_loc_q": "which animal is this?",
+    "m_loc_a": "a red square",
+}
+TARGETS = ["Tokyo", "London", "yes", "blue", "Paris"]
+# GRACE draws a new codebook value from the torch RNG at every edit: the case that needs per-edit seeds
+ARGS = ["--method", "grace", "--grace.steps", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dist")
+    backbone = tiny_backbone("llava", seed=0, texts=WORDS)
+    backbone.model.save_pretrained(folder / "model")
+    backbone.processor.save_pretrained(folder / "model")
+    for i in range(2):
+        tiny_image(i).save(folder / f"img{i}.png")
+    (folder / "edits.json").write_text(json.dumps([dict(RECORD, alt=a) for a in TARGETS]))
+    return folder
+
+
+def _rows(path):
+    doc = json.loads(path.read_text())
+    return doc, [
+        {k: v for k, v in e.items() if k not in ("wall_time_s", "peak_memory_mb")} for e in doc["edits"]
+    ]
+
+
+@pytest.fixture(scope="module")
+def one_process(inputs):
+    out = inputs / "one.json"
+    argv = ["edit", "--model", str(inputs / "model"), "--data", str(inputs / "edits.json"), *ARGS]
+    assert main([*argv, "--out", str(out)]) == 0
+    return _rows(out)
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None
+    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+    reason="torchrun is not installed",
+)
+def test_two_processes_write_the_rows_one_process_writes(inputs, one_process, tmp_path):
+    out = tmp_path / "two.json"
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "odedit_hf.cli.main", "edit"]
+    cmd += ["--model", str(inputs / "model"), "--data", str(inputs / "edits.json"), *ARGS, "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc1, rows1 = one_process
+    doc2, rows2 = _rows(out)
+    assert rows2 == rows1  # every per-edit score, step count and final loss
+    assert doc2["aggregates"] == doc1["aggregates"]
+    procs = doc2["rollback"]["processes"]
+    assert [p["rank"] for p in procs] == [0, 1] and [p["n_edits"] for p in procs] == [3, 2]
+    assert {p["base_weights_hash"] for p in procs} == {doc1["rollback"]["base_weights_hash"]}
+    assert doc2["rollback"]["checks"] == sum(p["rollback_checks"] for p in procs)
+    assert doc2["config"]["num_processes"] == 2
+    assert done.stdout.count("results:") == 1  # only the main process writes and prints
+
+
+def test_a_subset_of_the_requests_reproduces_its_rows(inputs, one_process, tmp_path):
+    # the last two records alone (same case_ids: a file whose first three records are skipped by position
+    # would renumber them, so the subset is taken from the loaded requests)
+    from odedit_hf.cli.edit import load_backbone
+    from odedit_hf.data import load_mmedit
+    from odedit_hf.editing import build_method
+    from odedit_hf.evaluation import build_report, run_protocol
+
+    requests = list(load_mmedit(str(inputs / "edits.json"), image_root=str(inputs)))[3:]
+    backbone = load_backbone(str(inputs / "model"), device="cpu", progress=False)
+    method = build_method("grace", {"grace": {"steps": 3}})
+    run = run_protocol("single", method, backbone, requests, seed=0)
+    rows = [
+        {k: v for k, v in e.items() if k not in ("wall_time_s", "peak_memory_mb")}
+        for e in build_report(run)["edits"]
+    ]
+    _, all_rows = one_process
+    assert rows == all_rows[3:]
+
+
+def test_shards_cover_every_chunk_once():
+    for n in range(1, 12):
+        for world in range(1, 5):
+            spans = [shard_bounds(n, world, r) for r in range(world)]
+            covered = [i for lo, hi in spans for i in range(lo, hi)]
+            assert covered == list(range(n))
+            assert max(hi - lo for lo, hi in spans) - min(hi - lo for lo, hi in spans) <= 1
+    with pytest.raises(ValueError, match="rank 2 is not in a world of 2"):
+        shard_bounds(4, 2, 2)
+
+
+def test_sequential_cannot_be_sharded():
+    from odedit_hf.evaluation.distributed import run_protocol_distributed
+
+    class _State:
+        num_processes, process_index, is_main_process = 2, 0, True
+
+    with pytest.raises(ValueError, match="cannot be split across processes"):
+        run_protocol_distributed("sequential", None, None, [], state=_State())
