@@ -125,3 +125,27 @@ def test_sequential_cannot_be_sharded():
 
     with pytest.raises(ValueError, match="cannot be split across processes"):
         run_protocol_distributed("sequential", None, None, [], state=_State())
+
+
+def test_odedit_trainer_on_two_processes_keeps_replicas_and_lambda_in_step(tmp_path):
+    # each rank edits a different half of the batch: without the all-reduce of the dual gradient (and DDP's
+    # of the primal one) the replicas' lambda-networks and adapters would drift apart
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun is not installed")
+    script = os.path.join(os.path.dirname(__file__), "_ddp_odedit_trainer.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(r["rank"] for r in rows) == [0, 1] and all(r["world"] == 2 for r in rows)
+    assert rows[0]["adapter"] == rows[1]["adapter"]
+    assert rows[0]["lambda_net"] == rows[1]["lambda_net"]
+    assert rows[0]["lambda_end"] == rows[1]["lambda_end"] != rows[0]["lambda_start"]  # the dual step ran
