@@ -81,6 +81,7 @@ def test_lora_estimate_counts_exactly_what_lora_trains(backbone, requests_):
     )
     assert est.model == params
     assert est.activations > 0 and est.tokens_per_step > 0 and est.total > est.model
+    assert est.needed == est.total - est.model  # the model is already loaded when the check runs
 
 
 def test_ftl_estimate_is_the_size_of_its_target_weights(backbone, requests_):

@@ -403,8 +403,8 @@ def memory_check(args: argparse.Namespace, method: Any, backbone: Any, requests:
         print(estimate.format(), file=sys.stderr)
     if not estimate.fits() and not getattr(args, "no_memory_check", False):
         raise CLIError(
-            f"the run is estimated to need {estimate.total / 2**30:.2f} GiB on {estimate.device}, which has "
-            f"{(estimate.available or 0) / 2**30:.2f} GiB free: try --dtype bfloat16, --device-map auto (with "
+            f"the run is estimated to need {estimate.needed / 2**30:.2f} GiB on {estimate.device} beyond the loaded "
+            f"model, which leaves {(estimate.available or 0) / 2**30:.2f} GiB free: try --dtype bfloat16, --device-map auto (with "
             "--max-memory), a smaller --batch-size or a smaller method (e.g. --method lora); "
             "--no-memory-check runs anyway"
         )

@@ -15,8 +15,10 @@ The estimate adds up, in bytes:
   step (the edit prompt, its rephrases, the locality prompts; ``batch_size`` requests for the batch
   protocol), plus the fp32 logits, their softmax and gradient over the vocabulary.
 
-It is an estimate (allocator slack, CUDA context and fragmentation are not counted): the check refuses
-a run only when the estimate exceeds what the device has free, and says what to change.
+It is an estimate (allocator slack, CUDA context, the Python/torch runtime and fragmentation are not
+counted). It is made after the model is loaded, so the check compares what the run needs beyond the
+model (``needed``) with what the device still has free, refuses a run only when that does not fit, and
+says what to change.
 """
 
 from __future__ import annotations
@@ -64,8 +66,14 @@ class MemoryEstimate:
             + self.activations
         )
 
+    @property
+    def needed(self) -> int:
+        """What the run needs beyond the loaded model (the estimate is made after loading it, so the device's
+        free memory no longer includes the model)."""
+        return self.total - self.model
+
     def fits(self) -> bool:
-        return self.available is None or self.total <= self.available
+        return self.available is None or self.needed <= self.available
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +87,7 @@ class MemoryEstimate:
             "activation_bytes": self.activations,
             "tokens_per_step": self.tokens_per_step,
             "total_bytes": self.total,
+            "needed_bytes": self.needed,
             "available_bytes": self.available,
             "grows_per_edit": self.grows_per_edit,
         }
@@ -96,7 +105,9 @@ class MemoryEstimate:
             f"  total                         {_fmt(self.total):>12}",
         ]
         if self.available is not None:
-            lines.append(f"  free on the device            {_fmt(self.available):>12}")
+            lines.append(
+                f"  needed beyond the loaded model {_fmt(self.needed):>11}; free on the device {_fmt(self.available)}"
+            )
         return "\n".join(lines)
 
 
