@@ -410,3 +410,50 @@ def test_options_are_validated(options, match):  # noqa: ANN001
 def test_config_needs_a_target():
     with pytest.raises(ValueError, match="target_modules is required"):
         WISEConfig()
+
+
+def test_a_failed_edit_leaves_editing_mode(requests, monkeypatch):  # noqa: ANN001
+    import odedit_hf.editing.loop as loop
+
+    backbone, method, peft_model, layer = _setup()
+
+    def boom(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        assert layer.is_editing(ADAPTER), "the loop must run in editing mode"
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(loop, "run_edit_loop", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        method.edit(peft_model, backbone, [requests[0]])
+    assert not layer.is_editing(ADAPTER) and method._pending is None
+
+
+def test_distance_reduction_mean_max_and_mask():
+    backbone, method, peft_model, layer = _setup(act_fn="identity", long_sequence=3)
+    base = torch.zeros(2, 4, layer.out_features)
+    delta = torch.zeros(2, 4, layer.out_features)
+    delta[:, :, 0] = torch.tensor([[1.0, 2.0, 3.0, 6.0], [1.0, 2.0, 3.0, 6.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    train = layer.distances(ADAPTER, base, delta, mask, infer=False)
+    torch.testing.assert_close(train, torch.tensor([3.0, 1.5]))  # the mean over attended tokens
+    infer = layer.distances(ADAPTER, base, delta, mask, infer=True)
+    torch.testing.assert_close(infer, torch.tensor([6.0, 2.0]))  # 4 tokens > long_sequence: the largest
+
+
+def test_the_attention_mask_lines_up_with_the_last_positions():
+    from odedit_hf.editors.wise import AttentionMaskHolder
+
+    backbone, method, peft_model, layer = _setup()
+    assert isinstance(layer._wise_attention, AttentionMaskHolder), "the tuner gave the layer no mask holder"
+    holder = layer._wise_attention
+    holder.mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert torch.equal(layer._attention_mask(2, 4, torch.device("cpu")), holder.mask)
+    assert torch.equal(layer._attention_mask(2, 1, torch.device("cpu")), holder.mask[:, -1:])  # a cached step
+    assert layer._attention_mask(3, 4, torch.device("cpu")) is None  # another batch: no mask
+    holder.mask = None
+    # a real forward fills the holder while it runs and clears it afterwards
+    seen = []
+    hook = layer.register_forward_pre_hook(lambda mod, args: seen.append(holder.mask))
+    batch = backbone.build_batch([PromptSample(prompt=TEXTS[0], target="red")])
+    _logits(peft_model, batch)
+    hook.remove()
+    assert torch.equal(seen[0], batch["attention_mask"]) and holder.mask is None
