@@ -457,3 +457,51 @@ def test_the_attention_mask_lines_up_with_the_last_positions():
     _logits(peft_model, batch)
     hook.remove()
     assert torch.equal(seen[0], batch["attention_mask"]) and holder.mask is None
+
+
+def test_save_load_round_trip_of_the_merged_memory(requests, tmp_path):  # noqa: ANN001
+    backbone, method, peft_model, layer = _setup(save_freq=1, merge_freq=2)
+    for request in requests[:3]:
+        method.edit(peft_model, backbone, [request])
+    assert layer.count(ADAPTER, MERGES) == 1 and layer.memory_count(ADAPTER) == 1  # merged + one pending
+    batches = [_batch(backbone, r, "reliability") for r in requests[:3]]
+    before = [_logits(peft_model, b) for b in batches]
+    peft_model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_backbone("llava", seed=0, texts=TEXTS).model, str(tmp_path))
+    loaded_layer = wise_layers(loaded, ADAPTER)[0][1]
+    assert torch.equal(loaded_layer.wise_merged[ADAPTER], layer.wise_merged[ADAPTER])
+    for batch, logits in zip(batches, before):
+        assert torch.equal(_logits(loaded, batch), logits)
+
+
+def test_a_batch_that_crosses_a_shard_boundary_stores_one_shard(requests):  # noqa: ANN001
+    backbone, method, peft_model, layer = _setup(save_freq=2, merge_freq=4)
+    method.edit(peft_model, backbone, requests[:3])
+    assert method.last_events == ["shard"]
+    assert layer.wise_counts[ADAPTER].tolist() == [3, 1, 0, 0]
+    first_mask = layer.wise_mask[ADAPTER].clone()
+    method.edit(peft_model, backbone, [requests[3]])  # starts the second shard: a new mask
+    assert layer.count(ADAPTER, MASK_SHARD) == 1 and not torch.equal(layer.wise_mask[ADAPTER], first_mask)
+    assert method.last_events == ["shard", "merge"] and layer.count(ADAPTER, MERGES) == 1
+
+
+def test_odedit_optimises_the_side_memory_with_the_activation_loss(requests):  # noqa: ANN001
+    torch.manual_seed(0)
+    backbone = tiny_backbone("llava", seed=0, texts=TEXTS)
+    method = get_method("odedit+wise", odedit={"lambda_mode": "sketch"}, wise={"steps": 5})
+    peft_model = get_peft_model(backbone.model, method.peft_config(backbone))
+    layer = wise_layers(peft_model, ADAPTER)[0][1]
+    terms = []
+    extra_loss = method.editor.extra_loss
+
+    def spy(model):  # noqa: ANN001
+        out = extra_loss(model)
+        terms.append(sorted(out))
+        return out
+
+    method.editor.extra_loss = spy
+    assert method.edit_parameters(peft_model) == [layer.wise_side[ADAPTER]]
+    method.edit(peft_model, backbone, [requests[0]])
+    assert terms and all(t == ["wise_act"] for t in terms), "ODEdit must keep WISE's activation loss"
+    assert layer.count(ADAPTER, EDITS) == 1 and not layer.is_editing(ADAPTER)
+    assert float(layer.wise_min_act[ADAPTER]) < float("inf"), "the edit's distance was not recorded"
