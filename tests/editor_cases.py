@@ -60,6 +60,17 @@ EDITOR_CASES: list[EditorCase] = [
         keeps_earlier_edits=True,
     ),
     EditorCase(
+        # margins and clamp scaled to the tiny random model, whose layer inputs are small (side-memory
+        # distances ~0.05): WISE's 5/20/10 are unreachable there, and at ±1 the clamp stops a second edit
+        "wise-llava",
+        "llava",
+        "wise",
+        {"steps": 40, "loc_margin": 0.01, "edit_margin": 0.1, "gap_margin": 0.05, "norm_constraint": 5.0},
+        "WISE",
+        "wise_",
+        merge=False,
+    ),
+    EditorCase(
         "tpatcher-llava",
         "llava",
         "tpatcher",
