@@ -225,6 +225,10 @@ class LDKEMethod(Wrapper):
     def edit(self, peft_model: PeftModel, backbone: Backbone, requests: Sequence[EditRequest]) -> EditStats:
         """Edit ``requests`` into the active adapter: classifier, localisation, then the shared loop."""
         self._config(peft_model)
+        if len(requests) > 1 and not self.editor.supports_batch:
+            raise ValueError(
+                f"{self.name}: the editor {self.editor.name!r} edits one request at a time (got {len(requests)})"
+            )
         try:
             return super().edit(peft_model, backbone, requests)
         finally:

@@ -170,13 +170,14 @@ class LDKEModel(WrapperModel):
                 "LDKE: incremental decoding with a KV cache is not supported (the gate needs the whole "
                 "sequence); call the model on full sequences (e.g. generate(..., use_cache=False))"
             )
-        features = gate_features(hidden)
-        object.__setattr__(self, "_ldke_features", features)
         name = self._active_name()
         config = self.peft_config[name]
         if not config.classifier:
             object.__setattr__(self, "_ldke_gate_value", None)
+            object.__setattr__(self, "_ldke_features", None)
             return
+        features = gate_features(hidden)
+        object.__setattr__(self, "_ldke_features", features)
         logits = gate_logits(self.ldke_gate[name], features)
         if logits is None:
             gate = torch.zeros(hidden.shape[:2], device=hidden.device)
