@@ -84,4 +84,5 @@ EDITOR_CASES: list[EditorCase] = [
 #: Wrapper methods crossed with every wrappable editor row: (name, options of the wrapper).
 WRAPPERS: list[tuple[str, dict[str, Any]]] = [
     ("odedit", {"lambda_mode": "sketch"}),
+    ("ldke", {"k": 1}),
 ]
