@@ -71,6 +71,7 @@ def test_two_processes_write_the_rows_one_process_writes(inputs, one_process, tm
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "odedit_hf.cli.main", "edit"]
     cmd += ["--model", str(inputs / "model"), "--data", str(inputs / "edits.json"), *ARGS, "--out", str(out)]
+    cmd += ["--num-edits", "5"]  # the README's spelling: torchrun's parser rejects --n as ambiguous
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

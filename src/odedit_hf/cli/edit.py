@@ -143,9 +143,12 @@ def add_edit_arguments(
     )
     parser.add_argument(
         "--n",
+        "--num-edits",
+        dest="n",
         type=_positive_int,
         default=n_default,
-        help=f"edit the first N records (default: {n_default or 'all'})",
+        help=f"edit the first N records (default: {n_default or 'all'}; under torchrun write --num-edits, "
+        "which torchrun's own parser does not take for its --nnodes/--nproc-per-node)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
     run = parser.add_argument_group("runtime")
