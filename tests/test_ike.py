@@ -269,10 +269,19 @@ def test_rollback_empties_the_memory(backbone, wrapped, requests):  # noqa: ANN0
     assert layer.num_facts("default") == 1 and layer.num_demos("default") == 9
 
 
-def test_merge_is_refused(backbone, wrapped):  # noqa: ANN001
-    _, peft_model, _ = wrapped
+def test_merge_is_refused_and_unload_removes_the_hooks(backbone, requests):  # noqa: ANN001
+    method, peft_model, _ = _wrap(backbone, k=0)
+    method.edit(peft_model, backbone, [requests[0]])
     with pytest.raises(ValueError, match="cannot be merged"):
         peft_model.merge_adapter()
+    batch = _batch(backbone, requests[0])
+    edited = _logits(peft_model, batch)
+    model = peft_model.unload()
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    from odedit_hf.editors.ike import IKELayer
+
+    assert not any(isinstance(m, IKELayer) for m in model.modules())
+    assert not torch.equal(_logits(model, batch), edited)
 
 
 def test_save_load_round_trips_the_memory(backbone, wrapped, requests, tmp_path):  # noqa: ANN001
