@@ -253,6 +253,17 @@ def test_an_edit_changes_the_answer_of_a_model_that_copies_from_context(requests
     assert not any(p.requires_grad for p in peft_model.parameters())
 
 
+def test_protocols_run_ike_end_to_end(backbone, requests):  # noqa: ANN001
+    from odedit_hf.evaluation import run_protocol
+
+    method = get_method("ike", encoder="hash", demos=DEMOS, k=2)
+    single = run_protocol("single", method, backbone, list(requests[:2]))
+    assert single.rollback_checks == 3 and all(r.steps == 0 for r in single.results)
+    sequential = run_protocol("sequential", method, backbone, list(requests[:2]))
+    assert all(r.final is not None for r in sequential.results)
+    assert not hasattr(backbone.model, "peft_config") and not backbone.model._forward_pre_hooks
+
+
 # ------------------------------------------------------------------ rollback, save/load
 def test_rollback_empties_the_memory(backbone, wrapped, requests):  # noqa: ANN001
     method, peft_model, snapshot = wrapped
@@ -319,16 +330,31 @@ def test_options_are_validated():
     assert not method.trains_at_edit and not method.wrappable
 
 
-def test_demonstrations_from_a_file_and_bad_records(tmp_path):  # noqa: ANN001
+def test_demonstrations_from_a_file_and_bad_records(tmp_path, monkeypatch):  # noqa: ANN001
     import json
 
     from odedit_hf.editors.ike import HashEncoder, demo_index, load_demo_records
 
+    class Counting(HashEncoder):
+        calls = 0
+
+        def _embed(self, texts):  # noqa: ANN001, ANN202
+            Counting.calls += 1
+            return super()._embed(texts)
+
+    monkeypatch.setenv("ODEDIT_HF_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "train.json"
     path.write_text(json.dumps(DEMOS))
-    index = demo_index(str(path), HashEncoder(), limit=2)
+    index = demo_index(str(path), Counting(), limit=2)
     assert len(index.texts) == 6 and index.kinds[:3] == ["copy", "update", "retain"]
     assert index.embeddings.shape == (6, 512)
+    assert Counting.calls == 1 and len(list((tmp_path / "cache" / "ike").glob("*.safetensors"))) == 1
+    again = demo_index(str(path), Counting(), limit=2)  # a new encoder object, as in a new process...
+    assert again is index  # ...is served by the process cache, and without it by the disk cache:
+    from odedit_hf.editors.ike.demos import embed_cached
+
+    torch.testing.assert_close(embed_cached(index.texts, Counting()), index.embeddings, rtol=0, atol=0)
+    assert Counting.calls == 1
     with pytest.raises(ValueError, match="has no loc_ans"):
         load_demo_records([{**DEMOS[0], "loc_ans": ""}])
     with pytest.raises(ValueError, match="no file"):

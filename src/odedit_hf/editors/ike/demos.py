@@ -11,14 +11,18 @@ and an edited fact ``(p -> t)`` is prepended as its copy demonstration followed 
 ``"New Fact: {p} {t}\\nPrompt:"``, after which the model's own (wrapped) prompt follows.
 
 The demonstration index (texts and sentence embeddings) is built once per (source, encoder) and kept
-for the process; token ids once per tokenizer.
+for the process; token ids once per tokenizer. The embeddings are also cached on disk (safetensors,
+keyed by the SHA-256 of the encoder's name and every text) under ``$ODEDIT_HF_CACHE/ike`` or
+``~/.cache/odedit_hf/ike``, so a train split is embedded once per machine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +35,7 @@ __all__ = [
     "DemoIndex",
     "demo_index",
     "demo_texts",
+    "embed_cached",
     "fact_context",
     "fact_key",
     "load_demo_records",
@@ -149,10 +154,45 @@ def demo_index(source: str | Sequence[Any], encoder: Any, limit: int | None = No
         for kind, text in demo_texts(record):
             kinds.append(kind)
             texts.append(text)
-    index = DemoIndex(texts, kinds, encoder.encode(texts))
+    index = DemoIndex(texts, kinds, embed_cached(texts, encoder))
     logger.info(
         "IKE: %d demonstrations from %s", len(texts), source if isinstance(source, str) else "records"
     )
     if key is not None:
         _INDEXES[key] = index
     return index
+
+
+def _cache_root() -> str:
+    root = os.environ.get("ODEDIT_HF_CACHE")
+    base = os.path.join(root, "ike") if root else os.path.join("~", ".cache", "odedit_hf", "ike")
+    return os.path.abspath(os.path.expanduser(base))
+
+
+def embed_cached(texts: Sequence[str], encoder: Any) -> torch.Tensor:
+    """``encoder.encode(texts)``, read from / written to the on-disk cache (see the module docstring);
+    an unreadable cache file is embedded again and replaced (written atomically)."""
+    from safetensors.torch import load_file, save_file
+
+    digest = hashlib.sha256(f"{encoder.name}\x00{getattr(encoder, 'folder', '')}".encode())
+    for text in texts:
+        digest.update(b"\x00" + text.encode("utf-8"))
+    path = os.path.join(_cache_root(), f"demos-{digest.hexdigest()[:32]}.safetensors")
+    if os.path.isfile(path):
+        try:
+            cached = load_file(path)["embeddings"]
+        except Exception as exc:  # noqa: BLE001 - any damage: embed again
+            logger.warning("IKE: ignoring the unreadable embedding cache %s (%s)", path, exc)
+        else:
+            if cached.shape[0] == len(texts):
+                return cached
+    embeddings = encoder.encode(list(texts)).contiguous()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        os.close(fd)
+        save_file({"embeddings": embeddings}, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("IKE: could not write the embedding cache %s (%s); continuing without it", path, exc)
+    return embeddings
