@@ -205,4 +205,18 @@ class IKEMethod(Editor):
         return EditStats(steps=0, final_loss=None)
 
     def extra_memory_bytes(self, num_edit_parameters: int) -> int:
+        """The sentence encoder's weights (all-MiniLM-L6-v2: its safetensors file, ~87 MiB); the memory
+        itself (token ids and 384-wide embeddings) is small beside it."""
+        import os
+
+        from .encoder import minilm_dir
+
+        if self.encoder == "minilm":
+            try:
+                return os.path.getsize(minilm_dir() / "model.safetensors")
+            except (ValueError, OSError):
+                return 0
+        if os.path.isdir(self.encoder):
+            path = os.path.join(self.encoder, "model.safetensors")
+            return os.path.getsize(path) if os.path.isfile(path) else 0
         return 0
