@@ -84,7 +84,9 @@ def run_one(method_name: str, world: Any, n: int, checkpoints: list[int], seed: 
     def on_adapter(peft_model: Any) -> None:
         holder["adapter_bytes"] = adapter_bytes(peft_model)
 
-    run = run_protocol("sequential", method, backbone, requests, seed=seed, on_edit=on_edit, on_adapter=on_adapter)
+    run = run_protocol(
+        "sequential", method, backbone, requests, seed=seed, on_edit=on_edit, on_adapter=on_adapter
+    )
     times = sorted(r.wall_time_s for r in run.results)
     return {
         "method": method_name,
