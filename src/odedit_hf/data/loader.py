@@ -234,8 +234,7 @@ def _validate_record(
 ) -> dict[str, Any]:
     """Check one record and return its row for the dataset (image paths resolved).
 
-    A record with none of the multimodal fields (:data:`MULTIMODAL_FIELDS`; absent or ``null``) is a
-    text-only record (e.g. the ZsRE file of EasyEdit's MEND layout): its row holds ``None`` there.
+    A record with none of the multimodal fields (:data:`MULTIMODAL_FIELDS`) is a text-only record (e.g. the ZsRE file of EasyEdit's MEND layout): its row holds ``None`` there.
     """
     where = {"path": source, "index": index}
     if not isinstance(record, dict):
@@ -244,7 +243,7 @@ def _validate_record(
             hint=f"each record must be an object with the fields {list(MMEDIT_FIELDS)}",
             **where,
         )
-    text_only = all(record.get(f) is None for f in MULTIMODAL_FIELDS)
+    text_only = not any(f in record for f in MULTIMODAL_FIELDS)
     required = REQUIRED_TEXT_FIELDS if text_only else MMEDIT_FIELDS
     missing = [f for f in required if f not in record]
     if missing:
