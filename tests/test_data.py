@@ -202,7 +202,6 @@ def _dotdot(rec, world):
 
 BAD_RECORDS = {
     "missing field": (_drop("loc_ans"), "loc_ans", "missing fields"),
-    "unknown field": (_set("loc_answer", "x"), "loc_answer", "unknown fields"),
     "non-string": (_set("alt", 3), "alt", "expected a string"),
     "null": (_set("pred", None), "pred", "expected a string"),
     "empty": (_set("src", ""), "src", "empty value"),

@@ -4,8 +4,10 @@ Example::
 
     odedit-hf edit --model ./tiny-llava --data ./world --method odedit+lora --lora.rank 4 --protocol single --n 100 --out results.json
 
-``--data`` is an MMEdit JSON file (images relative to ``--image-root``, default the file's folder)
-or a folder made by ``odedit-hf world`` (its evaluation file and image roots are found in it).
+``--data`` is an MMEdit JSON file (images relative to ``--image-root``, default the file's folder or
+its ``images/`` subfolder), a text-only ZsRE or CounterFact file (EasyEdit's layouts; no images), or a
+folder made by ``odedit-hf world`` (its evaluation file and image roots are found in it). Fields the
+loader does not read are ignored with one warning (``--strict-fields`` makes them an error).
 ``--method`` names a base editor (``ftl``, ``lora``, ...) or a wrapper around one
 (``odedit+lora``); ``odedit-hf methods`` lists them. Every method option is generated from the
 method's config dataclass and namespaced by the method (``--odedit.alpha 0.1 --lora.rank 4``), or
@@ -95,11 +97,14 @@ def add_edit_arguments(
     if with_data:
         parser.add_argument("--model", required=True, help="model folder or Hub id (a registered model type)")
         parser.add_argument(
-            "--data", required=True, help="MMEdit JSON file, or a world folder made by 'odedit-hf world'"
+            "--data",
+            required=True,
+            help="MMEdit, ZsRE or CounterFact JSON file, or a world folder made by 'odedit-hf world'",
         )
         parser.add_argument(
             "--image-root",
-            help="folder the records' image and m_loc paths are relative to (default: the data file's folder)",
+            help="folder the records' image and m_loc paths are relative to (default: the data file's "
+            "folder, or its images/ subfolder when the images are there)",
         )
         parser.add_argument(
             "--rephrase-image-root",
@@ -113,6 +118,11 @@ def add_edit_arguments(
         )
         parser.add_argument(
             "--skip-invalid", action="store_true", help="skip invalid records (counted) instead of failing"
+        )
+        parser.add_argument(
+            "--strict-fields",
+            action="store_true",
+            help="fail on record fields the loader does not read (default: ignore them with one warning)",
         )
         parser.add_argument(
             "--trust-remote-code",
@@ -416,8 +426,9 @@ def memory_check(args: argparse.Namespace, method: Any, backbone: Any, requests:
 
 def resolve_data(
     data: str, image_root: str | None, rephrase_image_root: str | None, *, task: str = "auto"
-) -> tuple[str, str, str | None]:
-    """``(mmedit_file, image_root, rephrase_image_root)`` for an MMEdit file or a world folder.
+) -> tuple[str, str | None, str | None]:
+    """``(data_file, image_root, rephrase_image_root)`` for a data file or a world folder (a file's roots
+    stay ``None`` unless given: :func:`odedit_hf.data.load_edits` then finds them next to the file).
 
     A world folder (made by ``odedit-hf world`` / ``build_world``; its root or its ``data`` folder)
     gives its evaluation file of ``task`` (``auto`` = VQA) and its image roots.
@@ -433,8 +444,7 @@ def resolve_data(
         return eval_file, image_root or world.image_root, rephrase_image_root or world.rephrase_image_root
     if not os.path.isfile(data):
         raise CLIError(f"--data {data!r}: no such file or folder")
-    root = image_root or os.path.dirname(os.path.abspath(data))
-    return data, root, rephrase_image_root
+    return data, image_root, rephrase_image_root  # no root: the loader's default (the file's folder)
 
 
 def _world_at(folder: str) -> Any:
@@ -463,7 +473,7 @@ class _DropLoaderSkipWarning(logging.Filter):
 def load_requests(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
     """The requests to edit and what the results file should record about them
     (``{"data_file", "skipped", "skip_reasons"}``); reports skipped records and a short file once."""
-    from odedit_hf.data import load_mmedit
+    from odedit_hf.data import load_edits
 
     path, root, rephrase_root = resolve_data(
         args.data, args.image_root, args.rephrase_image_root, task=args.task
@@ -472,8 +482,14 @@ def load_requests(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
     quiet = _DropLoaderSkipWarning()
     loader_logger.addFilter(quiet)
     try:
-        dataset = load_mmedit(
-            path, root, rephrase_root, task=args.task, skip_invalid=args.skip_invalid, limit=args.n
+        dataset = load_edits(
+            path,
+            root,
+            rephrase_root,
+            task=args.task,
+            skip_invalid=args.skip_invalid,
+            limit=args.n,
+            strict_fields=getattr(args, "strict_fields", False),
         )
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from None
@@ -498,6 +514,29 @@ def load_requests(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
             file=sys.stderr,
         )
     return list(dataset), notes
+
+
+def check_model_fits_requests(model: str, requests: list[Any], *, trust_remote_code: bool = False) -> None:
+    """Before the weights load: records with images on a text-only model are an error (from the model's
+    config alone; a config that cannot be read is left to :func:`load_backbone` to report)."""
+    import transformers
+
+    from odedit_hf.backbones import UnsupportedModelError, get_backbone_spec
+    from odedit_hf.evaluation import check_requests_fit
+
+    if all(r.text_only for r in requests):
+        return
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            os.path.expanduser(model), trust_remote_code=trust_remote_code
+        )
+        spec = get_backbone_spec(config)
+    except (OSError, ValueError, UnsupportedModelError):
+        return
+    try:
+        check_requests_fit(requests, spec.multimodal, spec.model_type)
+    except ValueError as exc:
+        raise CLIError(f"--model {model!r} with --data: {exc}") from None
 
 
 def run_edits(
@@ -654,6 +693,7 @@ def run(args: argparse.Namespace) -> int:
                 device = state.device
                 args.no_progress = args.no_progress or not state.is_main_process
             requests, notes = load_requests(args)
+            check_model_fits_requests(args.model, requests, trust_remote_code=args.trust_remote_code)
             check_adapter_flags(args, len(requests))
             start = time.perf_counter()
             device_map = parse_device_map(args.device_map)

@@ -32,12 +32,20 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import DataValidationError
 from .images import resolve_image_path
-from .schema import IMAGE_FIELDS, MMEDIT_FIELDS, PROBE_FIELDS, TASKS, EditRequest
+from .schema import (
+    IMAGE_FIELDS,
+    MMEDIT_FIELDS,
+    MULTIMODAL_FIELDS,
+    PROBE_FIELDS,
+    REQUIRED_TEXT_FIELDS,
+    TASKS,
+    EditRequest,
+)
 
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["DataValidationError", "MMEditDataset", "load_mmedit"]
+__all__ = ["DataValidationError", "ExtraFields", "MMEditDataset", "load_mmedit"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +56,10 @@ _AUTO_VQA_MIN_SHARE = 0.8
 _AUTO_CAPTION_MAX_SHARE = 0.2
 #: Keys a record may carry beyond the eleven: the probe fields and VLKEB's portability key.
 _VLKEB_PORTABILITY = "port_new"
-_OPTIONAL_KEYS: tuple[str, ...] = (*PROBE_FIELDS, _VLKEB_PORTABILITY)
+_OPTIONAL_KEYS: tuple[str, ...] = (*PROBE_FIELDS, _VLKEB_PORTABILITY, "subject")
+#: Keys of EasyEdit's ZsRE file (MEND layout) that a text-only record may carry and the loader ignores
+#: without a warning (``answers``: aliases of ``pred``; ``cond``: MEND's conditioning string).
+_ZSRE_IGNORED: tuple[str, ...] = ("answers", "cond")
 _HARD_GROUPS: tuple[tuple[str, ...], ...] = (
     ("hard_loc", "hard_loc_ans"),
     ("hard_m_loc", "hard_m_loc_q", "hard_m_loc_a"),
@@ -67,7 +78,8 @@ class MMEditDataset:
             image}``; ``None`` / ``[]`` in records without it).
         path: the file the records came from (absolute).
         task: ``"vqa"`` or ``"caption"``.
-        image_root, rephrase_image_root: the resolved roots the image paths were checked against.
+        image_root, rephrase_image_root: the resolved roots the image paths were checked against
+            (``None`` for a file of text-only records read by :func:`~odedit_hf.data.load_text_edits`).
         skipped: how many records of the file were skipped as invalid (``skip_invalid=True``).
         skip_reasons: why, one message per skipped record (file, record index, field, problem).
     """
@@ -78,8 +90,8 @@ class MMEditDataset:
         *,
         path: str,
         task: str,
-        image_root: str,
-        rephrase_image_root: str,
+        image_root: str | None,
+        rephrase_image_root: str | None,
         skipped: int = 0,
         skip_reasons: Sequence[str] = (),
     ) -> None:
@@ -163,10 +175,67 @@ def _resolve_root(root: str | os.PathLike[str], arg: str) -> str:
     return resolved
 
 
+class ExtraFields:
+    """The record keys a loader does not read, collected over a file: ignored with one warning, or an
+    error with ``strict_fields``.
+
+    Args:
+        source: the file (for messages).
+        strict: raise on the first record with an unknown key instead of collecting it.
+        known: a description of the fields the layout reads (for the hint).
+    """
+
+    def __init__(self, source: str, *, strict: bool, known: str) -> None:
+        self.source = source
+        self.strict = strict
+        self.known = known
+        self.counts: dict[str, int] = {}
+
+    def check(self, keys: Iterable[str], where: dict[str, Any]) -> None:
+        """Record (or, strict, reject) the unknown ``keys`` of one record."""
+        keys = sorted(keys)
+        if not keys:
+            return
+        if self.strict:
+            raise DataValidationError(
+                f"unknown fields {keys}",
+                field=keys[0],
+                hint=f"{self.known}; rename or drop the others, or load without strict_fields "
+                "(--strict-fields) to ignore them with a warning",
+                **where,
+            )
+        for key in keys:
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def warn(self) -> None:
+        """One warning line naming every ignored key and how many records carry it (none if there is none)."""
+        if not self.counts:
+            return
+        listed = ", ".join(
+            f"{k!r} ({n} record{'s' if n != 1 else ''})" for k, n in sorted(self.counts.items())
+        )
+        logger.warning(
+            "%s: ignoring %d field(s) odedit-hf does not read: %s (strict_fields=True / --strict-fields makes "
+            "them an error)",
+            self.source,
+            len(self.counts),
+            listed,
+        )
+
+
 def _validate_record(
-    record: Any, *, index: int, source: str, image_root: str, rephrase_image_root: str
+    record: Any,
+    *,
+    index: int,
+    source: str,
+    image_root: str | None,
+    rephrase_image_root: str | None,
+    extra: ExtraFields | None = None,
 ) -> dict[str, Any]:
-    """Check one record and return its row for the dataset (image paths resolved)."""
+    """Check one record and return its row for the dataset (image paths resolved).
+
+    A record with none of the multimodal fields (:data:`MULTIMODAL_FIELDS`) is a text-only record (e.g. the ZsRE file of EasyEdit's MEND layout): its row holds ``None`` there.
+    """
     where = {"path": source, "index": index}
     if not isinstance(record, dict):
         raise DataValidationError(
@@ -174,22 +243,31 @@ def _validate_record(
             hint=f"each record must be an object with the fields {list(MMEDIT_FIELDS)}",
             **where,
         )
-    missing = [f for f in MMEDIT_FIELDS if f not in record]
-    unknown = sorted(k for k in record if k not in MMEDIT_FIELDS and k not in _OPTIONAL_KEYS)
-    if missing or unknown:
-        problems = []
-        if missing:
-            problems.append(f"missing fields {missing}")
-        if unknown:
-            problems.append(f"unknown fields {unknown}")
+    text_only = not any(f in record for f in MULTIMODAL_FIELDS)
+    required = REQUIRED_TEXT_FIELDS if text_only else MMEDIT_FIELDS
+    missing = [f for f in required if f not in record]
+    if missing:
+        hint = f"MMEdit records have the fields {list(MMEDIT_FIELDS)} and optionally {list(_OPTIONAL_KEYS)}"
+        if not text_only:
+            hint += f"; a text-only record leaves out all of {list(MULTIMODAL_FIELDS)}"
+        raise DataValidationError(f"missing fields {missing}", field=missing[0], hint=hint, **where)
+    unknown = [
+        k
+        for k in record
+        if k not in MMEDIT_FIELDS and k not in _OPTIONAL_KEYS and not (text_only and k in _ZSRE_IGNORED)
+    ]
+    if extra is None:
+        extra = ExtraFields(
+            source, strict=True, known=f"MMEdit records have the fields {list(MMEDIT_FIELDS)}"
+        )
+    extra.check(unknown, where)
+    if not text_only and image_root is None:
         raise DataValidationError(
-            "; ".join(problems),
-            field=(missing or unknown)[0],
-            hint=f"MMEdit records have the fields {list(MMEDIT_FIELDS)} and optionally "
-            f"{list(_OPTIONAL_KEYS)}; rename or drop the others",
+            "the record has images but no image root was given",
+            hint="pass image_root (--image-root), the folder the image paths are relative to",
             **where,
         )
-    for name in MMEDIT_FIELDS:
+    for name in required + (("subject",) if "subject" in record else ()):
         value = record[name]
         if not isinstance(value, str):
             raise DataValidationError(
@@ -204,6 +282,9 @@ def _validate_record(
             )
     row: dict[str, Any] = {"case_id": index}
     for name in MMEDIT_FIELDS:
+        if name not in required:
+            row[name] = None
+            continue
         value = record[name]
         if name in IMAGE_FIELDS:
             rephrase = name == "image_rephrase"
@@ -216,6 +297,8 @@ def _validate_record(
                 field=name,
             )
         row[name] = value
+    if "subject" in record:
+        row["subject"] = record["subject"]
     row.update(
         _probe_row(record, row, where=where, image_root=image_root, rephrase_image_root=rephrase_image_root)
     )
@@ -385,32 +468,103 @@ def _infer_task(rows: Sequence[dict[str, Any]], source: str) -> str:
     return task
 
 
+def read_records(source: str, *, what: str = "MMEdit") -> list[Any]:
+    """The JSON list of records of ``source`` (an absolute path), or a :class:`DataValidationError` that
+    names the file and says what a file of this kind looks like."""
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"{what} file not found: {source}")
+    try:
+        with open(source, encoding="utf-8") as f:
+            records = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DataValidationError(
+            f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}",
+            path=source,
+            hint=f"an {what} file is one JSON list of records (not JSON Lines)",
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise DataValidationError(
+            f"not UTF-8 text: {exc}", path=source, hint="re-save the file as UTF-8 JSON"
+        ) from exc
+    if not isinstance(records, list):
+        raise DataValidationError(
+            f"top level is a JSON {type(records).__name__}, expected a list of records",
+            path=source,
+            hint=f"an {what} file is one JSON list of record objects",
+        )
+    return records
+
+
+def check_load_arguments(where: str, task: str, skip_invalid: Any, limit: Any, strict_fields: Any) -> None:
+    """The argument checks every loader shares (``where`` names the function in messages)."""
+    if task not in ("auto", *TASKS):
+        raise ValueError(f"{where}: task must be 'auto', 'vqa' or 'caption', got {task!r}")
+    for name, value in (("skip_invalid", skip_invalid), ("strict_fields", strict_fields)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: {name} must be a bool, got {value!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{where}: limit must be a positive int or None, got {limit!r}")
+
+
+#: The subfolder :func:`load_mmedit` also looks in when no image root is given (the embedded world's
+#: files sit beside ``images/``, as many EasyEdit data folders do).
+IMAGES_SUBFOLDER = "images"
+
+
+def default_image_root(source: str, records: Sequence[Any]) -> str:
+    """The image root used when none is given: the file's folder, or its ``images/`` subfolder when the
+    first record's ``image`` is found there and not in the folder itself."""
+    folder = os.path.dirname(source)
+    first = next(
+        (r["image"] for r in records if isinstance(r, dict) and isinstance(r.get("image"), str)), None
+    )
+    nested = os.path.join(folder, IMAGES_SUBFOLDER)
+    if (
+        first is not None
+        and not os.path.isabs(first)
+        and not os.path.isfile(os.path.join(folder, first))
+        and os.path.isfile(os.path.join(nested, first))
+    ):
+        logger.info("%s: no image root given; images found under %s", source, nested)
+        return nested
+    return folder
+
+
 def load_mmedit(
     path: str | os.PathLike[str],
-    image_root: str | os.PathLike[str],
+    image_root: str | os.PathLike[str] | None = None,
     rephrase_image_root: str | os.PathLike[str] | None = None,
     *,
     task: str = "auto",
     skip_invalid: bool = False,
     limit: int | None = None,
+    strict_fields: bool = False,
 ) -> MMEditDataset:
     """Load and validate an MMEdit file (EasyEdit's E-VQA / E-IC format).
 
     Args:
-        path: a JSON file holding one list of records, each with exactly the fields ``src``, ``pred``,
+        path: a JSON file holding one list of records, each with the fields ``src``, ``pred``,
             ``alt``, ``image``, ``rephrase``, ``image_rephrase``, ``loc``, ``loc_ans``, ``m_loc``,
-            ``m_loc_q``, ``m_loc_a``, every one a non-empty string.
-        image_root: the folder ``image`` and ``m_loc`` are relative to.
+            ``m_loc_q``, ``m_loc_a``, every one a non-empty string, and optionally the probe fields and
+            ``subject``. A record without any of ``image``, ``image_rephrase``, ``m_loc``, ``m_loc_q``,
+            ``m_loc_a`` is a text-only record (EasyEdit's ZsRE file in MEND's layout: ``src``, ``pred``,
+            ``alt``, ``rephrase``, ``loc``, ``loc_ans``; its ``answers`` and ``cond`` are ignored).
+        image_root: the folder ``image`` and ``m_loc`` are relative to; default: the file's folder, or
+            its ``images/`` subfolder when the first record's image is there (as in a world folder).
         rephrase_image_root: the folder ``image_rephrase`` is relative to; defaults to ``image_root``.
         task: ``"vqa"``, ``"caption"`` or ``"auto"``. ``"auto"`` looks at the ``src`` of the valid
             records: VQA if at least 80% end with ``"?"`` (questions), captioning if at most 20% do
             (caption prompts such as ``"a photo of"``); in between it raises and asks for the task.
-            An explicit task is never second-guessed.
+            A file of text-only records is ``"caption"`` under ``"auto"``: the prompt goes to the model
+            as is, as EasyEdit's text editors feed it. An explicit task is never second-guessed.
         skip_invalid: skip invalid records instead of raising; the count and reasons land in
             ``dataset.skipped`` / ``dataset.skip_reasons`` and a warning is logged. Errors about the
             file as a whole (missing, not JSON, not a list) always raise.
         limit: keep at most this many valid records, the first ones in file order; records after
             the limit are not read.
+        strict_fields: a key the loader does not read (e.g. ``case_id``, ``source``,
+            ``textual_rephrase`` of EasyEdit-derived files) is an error naming the record; by default
+            such keys are ignored with one warning that lists them and how many records carry each.
 
     Returns:
         An :class:`MMEditDataset`; ``case_id`` of each request is its index in the file's list.
@@ -421,40 +575,23 @@ def load_mmedit(
             the file, the record index and the field, and says what to do).
         ValueError: a bad argument.
     """
-    if task not in ("auto", *TASKS):
-        raise ValueError(f"load_mmedit: task must be 'auto', 'vqa' or 'caption', got {task!r}")
-    if not isinstance(skip_invalid, bool):
-        raise ValueError(f"load_mmedit: skip_invalid must be a bool, got {skip_invalid!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"load_mmedit: limit must be a positive int or None, got {limit!r}")
-
+    check_load_arguments("load_mmedit", task, skip_invalid, limit, strict_fields)
     source = os.path.abspath(os.fspath(path))
     if not os.path.isfile(source):
         raise FileNotFoundError(f"MMEdit file not found: {source}")
-    root = _resolve_root(image_root, "image_root")
+    if image_root is not None:
+        root = _resolve_root(image_root, "image_root")
+    records = read_records(source)
+    if image_root is None:
+        root = os.path.realpath(default_image_root(source, records))
     rephrase_root = (
         root if rephrase_image_root is None else _resolve_root(rephrase_image_root, "rephrase_image_root")
     )
-
-    try:
-        with open(source, encoding="utf-8") as f:
-            records = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise DataValidationError(
-            f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}",
-            path=source,
-            hint="an MMEdit file is one JSON list of records (not JSON Lines)",
-        ) from exc
-    except UnicodeDecodeError as exc:
-        raise DataValidationError(
-            f"not UTF-8 text: {exc}", path=source, hint="re-save the file as UTF-8 JSON"
-        ) from exc
-    if not isinstance(records, list):
-        raise DataValidationError(
-            f"top level is a JSON {type(records).__name__}, expected a list of records",
-            path=source,
-            hint="an MMEdit file is one JSON list of record objects",
-        )
+    extra = ExtraFields(
+        source,
+        strict=strict_fields,
+        known=f"MMEdit records have the fields {list(MMEDIT_FIELDS)} and optionally {list(_OPTIONAL_KEYS)}",
+    )
 
     rows: list[dict[str, Any]] = []
     skip_reasons: list[str] = []
@@ -464,24 +601,23 @@ def load_mmedit(
         try:
             rows.append(
                 _validate_record(
-                    record, index=index, source=source, image_root=root, rephrase_image_root=rephrase_root
+                    record,
+                    index=index,
+                    source=source,
+                    image_root=root,
+                    rephrase_image_root=rephrase_root,
+                    extra=extra,
                 )
             )
         except DataValidationError as exc:
             if not skip_invalid:
                 raise
             skip_reasons.append(str(exc))
-    if skip_reasons:
-        logger.warning(
-            "%s: skipped %d invalid record(s), kept %d; first: %s (all in dataset.skip_reasons)",
-            source,
-            len(skip_reasons),
-            len(rows),
-            skip_reasons[0],
-        )
+    extra.warn()
+    log_skipped(source, skip_reasons, len(rows))
 
     if task == "auto":
-        task = _infer_task(rows, source)
+        task = "caption" if rows and all(row["image"] is None for row in rows) else _infer_task(rows, source)
     for row in rows:
         row["task"] = task
     return MMEditDataset(
@@ -493,6 +629,18 @@ def load_mmedit(
         skipped=len(skip_reasons),
         skip_reasons=skip_reasons,
     )
+
+
+def log_skipped(source: str, skip_reasons: Sequence[str], kept: int) -> None:
+    """The loaders' one warning about skipped records (``skip_invalid=True``)."""
+    if skip_reasons:
+        logger.warning(
+            "%s: skipped %d invalid record(s), kept %d; first: %s (all in dataset.skip_reasons)",
+            source,
+            len(skip_reasons),
+            kept,
+            skip_reasons[0],
+        )
 
 
 def _to_hf_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
@@ -513,6 +661,7 @@ def _to_hf_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
             "case_id": datasets.Value("int64"),
             "task": string,
             **{name: string for name in MMEDIT_FIELDS},
+            **({"subject": string} if any("subject" in row for row in rows) else {}),
             **{name: probe_features[name] for name in present},
         }
     )

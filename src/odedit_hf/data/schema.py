@@ -28,7 +28,10 @@ if TYPE_CHECKING:
 __all__ = [
     "IMAGE_FIELDS",
     "MMEDIT_FIELDS",
+    "MULTIMODAL_FIELDS",
+    "MULTIMODAL_SCORE_FIELDS",
     "OPTIONAL_SCORE_FIELDS",
+    "REQUIRED_TEXT_FIELDS",
     "PROBE_FIELDS",
     "TASKS",
     "TEXT_FIELDS",
@@ -56,6 +59,10 @@ MMEDIT_FIELDS: tuple[str, ...] = (
 IMAGE_FIELDS: tuple[str, ...] = ("image", "image_rephrase", "m_loc")
 #: The fields that hold text.
 TEXT_FIELDS: tuple[str, ...] = tuple(f for f in MMEDIT_FIELDS if f not in IMAGE_FIELDS)
+#: The fields a text-only request (ZsRE / CounterFact layouts) leaves out: all of them or none of them.
+MULTIMODAL_FIELDS: tuple[str, ...] = ("image", "image_rephrase", "m_loc", "m_loc_q", "m_loc_a")
+#: The fields every request has, text-only or multimodal.
+REQUIRED_TEXT_FIELDS: tuple[str, ...] = tuple(f for f in MMEDIT_FIELDS if f not in MULTIMODAL_FIELDS)
 #: The tasks an MMEdit file can hold.
 TASKS: tuple[str, ...] = ("vqa", "caption")
 #: Optional probe fields a record (and an :class:`EditRequest`) may carry beside the eleven, in file order.
@@ -99,9 +106,14 @@ class PortabilityProbe:
         return "vqa" if self.prompt.rstrip().endswith("?") else "caption"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EditRequest:
-    """One MMEdit record, validated, with its image paths resolved.
+    """One edit record, validated, with its image paths resolved: multimodal (MMEdit) or text-only.
+
+    A *text-only* request (ZsRE / CounterFact records, :func:`~odedit_hf.data.load_text_edits`) leaves
+    the five multimodal fields (:data:`MULTIMODAL_FIELDS`: ``image``, ``image_rephrase``, ``m_loc``,
+    ``m_loc_q``, ``m_loc_a``) ``None``; they are absent together or present together. Its multimodal
+    scores (M-Generality, M-Locality) are then absent, never zero. The constructor takes keywords only.
 
     Args:
         case_id: the record's position in its file's JSON list (0-based); stable under skipping and
@@ -111,14 +123,17 @@ class EditRequest:
         src: the edit prompt.
         pred: the model's original (wrong) answer.
         alt: the new target answer.
-        image: absolute path of the edit image.
+        image: absolute path of the edit image (``None``: a text-only request).
         rephrase: a paraphrase of ``src`` (text generality).
-        image_rephrase: absolute path of another image of the same thing (multimodal generality).
+        image_rephrase: absolute path of another image of the same thing (multimodal generality;
+            ``None`` for a text-only request).
         loc: an unrelated text-only question (text locality).
         loc_ans: its answer.
-        m_loc: absolute path of an unrelated image (multimodal locality).
-        m_loc_q: a question about ``m_loc``.
-        m_loc_a: its answer.
+        m_loc: absolute path of an unrelated image (multimodal locality; ``None`` for text-only).
+        m_loc_q: a question about ``m_loc`` (``None`` for text-only).
+        m_loc_a: its answer (``None`` for text-only).
+        subject: optional, the entity the edit is about, as it occurs in ``src`` (ZsRE / CounterFact's
+            ``subject``; ROME-style editors locate it), or ``None``.
         portability: optional portability probes (:class:`PortabilityProbe`; mappings with the same keys
             are accepted and converted).
         hard_loc, hard_loc_ans: optional hard-negative text locality: a question about an entity that
@@ -136,14 +151,15 @@ class EditRequest:
     src: str
     pred: str
     alt: str
-    image: str
+    image: str | None = None
     rephrase: str
-    image_rephrase: str
+    image_rephrase: str | None = None
     loc: str
     loc_ans: str
-    m_loc: str
-    m_loc_q: str
-    m_loc_a: str
+    m_loc: str | None = None
+    m_loc_q: str | None = None
+    m_loc_a: str | None = None
+    subject: str | None = None
     portability: tuple[PortabilityProbe, ...] = ()
     hard_loc: str | None = None
     hard_loc_ans: str | None = None
@@ -163,11 +179,29 @@ class EditRequest:
             raise DataValidationError(
                 f"task must be one of {TASKS}, got {self.task!r}", field="task", **where
             )
+        absent = [name for name in MULTIMODAL_FIELDS if getattr(self, name) is None]
+        if absent and len(absent) < len(MULTIMODAL_FIELDS):
+            present = [name for name in MULTIMODAL_FIELDS if name not in absent]
+            raise DataValidationError(
+                f"the multimodal fields come together: {present} given but {absent} missing",
+                field=absent[0],
+                hint=f"give all of {list(MULTIMODAL_FIELDS)} (a multimodal record) or none of them "
+                "(a text-only record)",
+                **where,
+            )
         for name in MMEDIT_FIELDS:
             value = getattr(self, name)
+            if value is None and name in absent:
+                continue
             if not isinstance(value, str) or not value.strip():
                 raise DataValidationError(f"must be a non-empty string, got {value!r}", field=name, **where)
+        if self.subject is not None and (not isinstance(self.subject, str) or not self.subject.strip()):
+            raise DataValidationError(
+                f"must be a non-empty string or None, got {self.subject!r}", field="subject", **where
+            )
         for name in IMAGE_FIELDS:
+            if getattr(self, name) is None:
+                continue
             if not os.path.isabs(getattr(self, name)):
                 raise DataValidationError(
                     f"image path {getattr(self, name)!r} is not absolute",
@@ -239,6 +273,11 @@ class EditRequest:
         for i, value in enumerate(image_rephrases):
             absolute(value, f"image_rephrases[{i}]")
         object.__setattr__(self, "image_rephrases", image_rephrases)
+
+    @property
+    def text_only(self) -> bool:
+        """Whether the request has no image (a ZsRE / CounterFact record): no multimodal scores."""
+        return self.image is None
 
     @property
     def has_hard_t_locality(self) -> bool:
@@ -322,6 +361,24 @@ OPTIONAL_SCORE_FIELDS: tuple[str, ...] = (
 )
 
 
+#: The multimodal scores of :class:`EditScores`: NaN (absent) for a text-only request, which has no image.
+MULTIMODAL_SCORE_FIELDS: tuple[str, ...] = (
+    "m_generality",
+    "m_generality_em",
+    "m_locality",
+    "m_locality_easyedit",
+)
+#: The scores every request has, text-only or multimodal.
+_ALWAYS = (
+    "reliability",
+    "reliability_em",
+    "t_generality",
+    "t_generality_em",
+    "t_locality",
+    "t_locality_easyedit",
+)
+
+
 @dataclass(eq=False)
 class EditScores:
     """Scores of one edit (or their mean over edits), each in [0, 1].
@@ -332,9 +389,11 @@ class EditScores:
     tokens only) and ``easyedit`` (all positions; top-1 for text, element-wise top-10 for images,
     comparable with published tables). NaN marks a metric that was not computed.
 
-    The first ten fields are always computed. The last eight (:data:`OPTIONAL_SCORE_FIELDS`) exist only
-    when the request carries the probe; they default to NaN = absent, which :meth:`to_dict` leaves out
-    and :meth:`mean` averages over the edits that have them.
+    The first ten fields are always computed for a multimodal request; a text-only request has no image,
+    so its four multimodal scores (:data:`MULTIMODAL_SCORE_FIELDS`) are NaN = absent. The last eight
+    (:data:`OPTIONAL_SCORE_FIELDS`) exist only when the request carries the probe; they default to NaN =
+    absent. :meth:`to_dict` leaves absent scores out and :meth:`mean` averages a multimodal or optional
+    score over the edits that have it.
 
     Args:
         reliability: image + ``src`` -> ``alt``, token accuracy.
@@ -396,27 +455,40 @@ class EditScores:
         """The optional fields this instance holds (not NaN)."""
         return tuple(n for n in OPTIONAL_SCORE_FIELDS if not math.isnan(getattr(self, n)))
 
+    @property
+    def has_multimodal(self) -> bool:
+        """Whether the multimodal scores are present (False for a text-only request's scores)."""
+        return not any(math.isnan(getattr(self, n)) for n in MULTIMODAL_SCORE_FIELDS)
+
     def to_dict(self) -> dict[str, float]:
-        """The scores as a plain dict (JSON-ready), keyed by field name; absent optional scores left out."""
-        present = set(self.present())
+        """The scores as a plain dict (JSON-ready), keyed by field name; absent scores (the optional ones a
+        request has no probe for, the multimodal ones of a text-only request) left out."""
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in OPTIONAL_SCORE_FIELDS or f.name in present
+            if f.name in _ALWAYS or not math.isnan(getattr(self, f.name))
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EditScores:
         """Inverse of :meth:`to_dict`; unknown keys or missing required keys raise ``ValueError``."""
-        _check_keys(cls, data, optional=OPTIONAL_SCORE_FIELDS)
-        return cls(**data)
+        _check_keys(cls, data, optional=(*MULTIMODAL_SCORE_FIELDS, *OPTIONAL_SCORE_FIELDS))
+        present = [n for n in MULTIMODAL_SCORE_FIELDS if n in data]
+        if present and len(present) < len(MULTIMODAL_SCORE_FIELDS):
+            raise ValueError(
+                f"EditScores.from_dict: missing keys {[n for n in MULTIMODAL_SCORE_FIELDS if n not in data]}; "
+                f"the multimodal scores come together (all of {list(MULTIMODAL_SCORE_FIELDS)}, or none for a "
+                "text-only edit)"
+            )
+        return cls(**{**dict.fromkeys(MULTIMODAL_SCORE_FIELDS, math.nan), **data})
 
     @classmethod
     def mean(cls, scores: Sequence[EditScores]) -> EditScores:
         """Field-wise mean over ``scores``.
 
-        The ten required fields must be present in every item; an optional field is the mean over the
-        items that hold it (absent if none does) — :meth:`counts` says over how many.
+        The six text fields must be present in every item; a multimodal field (absent for text-only
+        requests) or an optional field is the mean over the items that hold it (absent if none does) —
+        :meth:`counts` says over how many.
 
         Raises:
             ValueError: ``scores`` is empty, holds something other than ``EditScores``, or holds a
@@ -424,11 +496,24 @@ class EditScores:
                 mean is over).
         """
         scores = _check_scores(cls, scores)
+        # the multimodal group is whole (a multimodal edit) or absent (a text-only edit), never partial
+        partial = [
+            i
+            for i, s in enumerate(scores)
+            if 0
+            < sum(math.isnan(getattr(s, n)) for n in MULTIMODAL_SCORE_FIELDS)
+            < len(MULTIMODAL_SCORE_FIELDS)
+        ]
         out = {}
         for f in dataclasses.fields(cls):
             values = [getattr(s, f.name) for s in scores]
             bad = [i for i, v in enumerate(values) if math.isnan(v)]
-            if f.name in OPTIONAL_SCORE_FIELDS:
+            if f.name in MULTIMODAL_SCORE_FIELDS and any(i in partial for i in bad):
+                raise ValueError(
+                    f"EditScores.mean: field {f.name!r} is NaN in items {[i for i in bad if i in partial][:10]} "
+                    "whose other multimodal scores are present; drop those edits or aggregate that field separately"
+                )
+            if f.name not in _ALWAYS:
                 values = [v for v in values if not math.isnan(v)]
                 out[f.name] = math.fsum(values) / len(values) if values else math.nan
                 continue
@@ -442,9 +527,14 @@ class EditScores:
 
     @classmethod
     def counts(cls, scores: Sequence[EditScores]) -> dict[str, int]:
-        """How many of ``scores`` hold each optional field present in at least one of them."""
+        """How many of ``scores`` hold each optional field present in at least one of them (and each
+        multimodal field, when some but not all of them hold it: a mix of text-only and multimodal edits)."""
         scores = _check_scores(cls, scores)
         out = {n: sum(not math.isnan(getattr(s, n)) for s in scores) for n in OPTIONAL_SCORE_FIELDS}
+        for n in MULTIMODAL_SCORE_FIELDS:
+            held = sum(not math.isnan(getattr(s, n)) for s in scores)
+            if 0 < held < len(scores):
+                out[n] = held
         return {n: c for n, c in out.items() if c}
 
 

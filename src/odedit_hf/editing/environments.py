@@ -9,6 +9,10 @@ groups of :data:`GROUPS`, built by :func:`build_edit_batch` from the very sample
 - ``rephrase``: image + ``rephrase`` -> ``alt``; ``image_rephrase``: ``image_rephrase`` + ``src`` -> ``alt``;
 - ``loc``: ``loc`` -> ``loc_ans`` (text only); ``m_loc``: ``m_loc`` + ``m_loc_q`` -> ``m_loc_a``.
 
+A text-only request (ZsRE / CounterFact) has no image: its ``image_rephrase`` rows repeat its text
+rephrases and its ``m_loc`` row repeats its text-locality sample, so every group exists for every request
+and a mean over a group's rows (each risk is one) is the same as over the text rows alone.
+
 All groups go into one forward when the family can mix image and text-only rows (else two), and
 :func:`run_groups` splits the outputs back by group, gathering the answer positions once per forward.
 """
@@ -143,7 +147,14 @@ def build_edit_batch(
                     PromptSample(prompt=text, target=request.alt, image=image, task=request.task)
                 )
                 owners["rephrase"].append(i)
-        if "image_rephrase" in samples:
+        if "image_rephrase" in samples and request.text_only:
+            # no image to rephrase with: the group repeats the text rephrases (see the module docstring)
+            for text in _rephrase_texts(request, num_rephrases):
+                samples["image_rephrase"].append(
+                    PromptSample(prompt=text, target=request.alt, image=None, task=request.task)
+                )
+                owners["image_rephrase"].append(i)
+        elif "image_rephrase" in samples:
             images = _rephrase_images(request, num_rephrases)
             short += num_rephrases - len(images)
             for image in images:
@@ -154,7 +165,7 @@ def build_edit_batch(
         if "loc" in samples:
             samples["loc"].append(base["t_locality"])
             owners["loc"].append(i)
-            samples["m_loc"].append(base["m_locality"])
+            samples["m_loc"].append(base["t_locality"] if request.text_only else base["m_locality"])
             owners["m_loc"].append(i)
     if short:
         logger.info(

@@ -27,7 +27,8 @@ __all__ = [
 
 #: The samples a request is scored on, in a fixed order: reliability, text generality, multimodal
 #: generality (all with target ``alt``), text locality (``loc`` -> ``loc_ans``, no image) and
-#: multimodal locality (``m_loc`` image + ``m_loc_q`` -> ``m_loc_a``).
+#: multimodal locality (``m_loc`` image + ``m_loc_q`` -> ``m_loc_a``). A text-only request has the first,
+#: second and fourth only.
 EVAL_SAMPLE_NAMES: tuple[str, ...] = (
     "reliability",
     "t_generality",
@@ -42,12 +43,11 @@ PROBE_SAMPLE_NAMES: tuple[str, ...] = ("portability", "hard_t_locality", "hard_m
 
 
 def edit_sample(request: EditRequest) -> PromptSample:
-    """The sample an edit trains on: the edit image + ``src`` -> ``alt``."""
+    """The sample an edit trains on: the edit image + ``src`` -> ``alt`` (no image for a text-only request)."""
     from odedit_hf.backbones import PromptSample
 
-    return PromptSample(
-        prompt=request.src, target=request.alt, image=request.load_image("image"), task=request.task
-    )
+    image = None if request.text_only else request.load_image("image")
+    return PromptSample(prompt=request.src, target=request.alt, image=image, task=request.task)
 
 
 def edit_samples(requests: Sequence[EditRequest]) -> list[PromptSample]:
@@ -58,13 +58,22 @@ def edit_samples(requests: Sequence[EditRequest]) -> list[PromptSample]:
 
 
 def eval_samples(request: EditRequest) -> dict[str, PromptSample]:
-    """The five evaluation samples of a request, keyed by :data:`EVAL_SAMPLE_NAMES`.
+    """The evaluation samples of a request, keyed by :data:`EVAL_SAMPLE_NAMES`.
 
     Text locality is a text-only question; its task is ``"vqa"`` whatever the request's task, since
-    ``loc`` is a question in MMEdit files of both tasks.
+    ``loc`` is a question in MMEdit files of both tasks. A text-only request (ZsRE / CounterFact) has
+    no image: its reliability and text-generality samples carry none, its text-locality sample keeps
+    the request's task (ZsRE and CounterFact locality prompts are fed as they are, like the edit
+    prompt), and ``m_generality`` / ``m_locality`` are left out (their scores are absent).
     """
     from odedit_hf.backbones import PromptSample
 
+    if request.text_only:
+        return {
+            "reliability": PromptSample(prompt=request.src, target=request.alt, task=request.task),
+            "t_generality": PromptSample(prompt=request.rephrase, target=request.alt, task=request.task),
+            "t_locality": PromptSample(prompt=request.loc, target=request.loc_ans, task=request.task),
+        }
     image = request.load_image("image")
     return {
         "reliability": PromptSample(prompt=request.src, target=request.alt, image=image, task=request.task),
@@ -138,7 +147,7 @@ def probe_samples(request: EditRequest, only: Collection[str] | None = None) -> 
     if request.has_unit and "unit" in wanted:
         members = []
         if request.rephrases:
-            image = request.load_image("image")
+            image = None if request.text_only else request.load_image("image")
             members += [
                 PromptSample(prompt=text, target=request.alt, image=image, task=request.task)
                 for text in dict.fromkeys(request.rephrases)

@@ -43,8 +43,9 @@ __all__ = [
 
 #: Bumped whenever a metric's definition changes, so result files from different definitions are never mixed.
 #: 1.1: the optional probe metrics (portability, hard-negative locality, knowledge-unit consistency) added;
-#: the ten metrics of 1.0 unchanged.
-METRIC_VERSION = "1.1"
+#: the ten metrics of 1.0 unchanged. 1.2: text-only requests (ZsRE / CounterFact) scored: their multimodal
+#: scores absent, their locality prompt fed with the request's task; multimodal requests unchanged.
+METRIC_VERSION = "1.2"
 #: EasyEdit's k for text locality (top-1) and multimodal locality (element-wise top-10).
 EASYEDIT_TEXT_TOPK = 1
 EASYEDIT_IMAGE_TOPK = 10

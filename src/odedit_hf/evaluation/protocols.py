@@ -51,6 +51,7 @@ __all__ = [
     "PROTOCOLS",
     "LocalityReference",
     "ProtocolRun",
+    "check_requests_fit",
     "edit_seed",
     "evaluate_request",
     "locality_reference",
@@ -75,13 +76,14 @@ class LocalityReference:
 
     Args:
         t_ids: ``(1, T, 1)`` top-1 ids on the text-locality sample.
-        m_ids: ``(1, T', 10)`` top-10 ids on the multimodal-locality sample.
+        m_ids: ``(1, T', 10)`` top-10 ids on the multimodal-locality sample; ``None`` for a text-only
+            request (it has none).
         hard_t_ids: the same on the hard-negative text-locality sample, ``None`` when the request has none.
         hard_m_ids: the same on the hard-negative multimodal-locality sample, ``None`` when it has none.
     """
 
     t_ids: torch.Tensor
-    m_ids: torch.Tensor
+    m_ids: torch.Tensor | None
     hard_t_ids: torch.Tensor | None = None
     hard_m_ids: torch.Tensor | None = None
 
@@ -128,16 +130,19 @@ def locality_reference(peft_model: Any, backbone: Backbone, request: EditRequest
     probes = probe_samples(request, only=("hard_t_locality", "hard_m_locality"))
     device = model_device(peft_model)
     hard: dict[str, torch.Tensor | None] = {"hard_t_ids": None, "hard_m_ids": None}
+    m_ids = None
     with peft_model.disable_adapter():
         t_logits = _logits(peft_model, backbone.build_batch([samples["t_locality"]], device=device))
-        m_logits = _logits(peft_model, backbone.build_batch([samples["m_locality"]], device=device))
+        if "m_locality" in samples:
+            m_batch = backbone.build_batch([samples["m_locality"]], device=device)
+            m_ids = topk_ids(_logits(peft_model, m_batch), EASYEDIT_IMAGE_TOPK).cpu()
         for key, k in (("t", EASYEDIT_TEXT_TOPK), ("m", EASYEDIT_IMAGE_TOPK)):
             if f"hard_{key}_locality" in probes:
                 batch = backbone.build_batch(probes[f"hard_{key}_locality"], device=device)
                 hard[f"hard_{key}_ids"] = topk_ids(_logits(peft_model, batch), k).cpu()
     return LocalityReference(
         t_ids=topk_ids(t_logits, EASYEDIT_TEXT_TOPK).cpu(),
-        m_ids=topk_ids(m_logits, EASYEDIT_IMAGE_TOPK).cpu(),
+        m_ids=m_ids,
         **hard,
     )
 
@@ -157,20 +162,31 @@ def evaluate_request(
     hard-negative sample alone, the unit in one batch), so the five are computed exactly as without
     probes. Hard-negative locality needs the matching ids in ``reference`` (:func:`locality_reference`
     makes them); a reference without them leaves those scores absent.
+
+    A text-only request (no image) is scored on its text samples only: two forward passes, and its
+    multimodal scores (M-Generality, M-Locality) are absent (NaN, left out of ``to_dict``), not zero.
     """
     from odedit_hf.data import EditScores
 
     samples = eval_samples(request)
     device = model_device(model)
-    edit_batch = backbone.build_batch(
-        [samples["reliability"], samples["t_generality"], samples["m_generality"]], device=device
-    )
+    names = [n for n in ("reliability", "t_generality", "m_generality") if n in samples]
+    edit_batch = backbone.build_batch([samples[n] for n in names], device=device)
     accuracy, exact = token_accuracy(_logits(model, edit_batch), edit_batch["labels"])
-    locality: dict[str, float] = {}
+    nan = float("nan")
+    m_gen = (float(accuracy[2]), float(exact[2])) if "m_generality" in samples else (nan, nan)
+    locality: dict[str, float] = {"m_locality": nan, "m_locality_easyedit": nan}
     for key, ids, k in (
         ("t", reference.t_ids, EASYEDIT_TEXT_TOPK),
         ("m", reference.m_ids, EASYEDIT_IMAGE_TOPK),
     ):
+        if f"{key}_locality" not in samples:
+            continue
+        if ids is None:
+            raise ValueError(
+                f"case {request.case_id}: the pre-edit reference has no {key}_locality ids; build it with "
+                "locality_reference on this very request"
+            )
         locality.update(
             _agreements(
                 model, backbone, samples[f"{key}_locality"], ids, k, f"{key}_locality", request, device
@@ -181,8 +197,8 @@ def evaluate_request(
         reliability_em=float(exact[0]),
         t_generality=float(accuracy[1]),
         t_generality_em=float(exact[1]),
-        m_generality=float(accuracy[2]),
-        m_generality_em=float(exact[2]),
+        m_generality=m_gen[0],
+        m_generality_em=m_gen[1],
         **locality,
         **_probe_scores(model, backbone, request, reference, device),
     )
@@ -344,10 +360,28 @@ def _result(
     )
 
 
-def _check_requests(requests: Sequence[EditRequest]) -> list[EditRequest]:
+def check_requests_fit(requests: Sequence[EditRequest], multimodal: bool, model_type: str) -> None:
+    """Raise a ``ValueError`` when a text-only model (``multimodal=False``) is given requests with images:
+    it cannot see them, so their image metrics would be meaningless. Cheap: call it before the model loads.
+    """
+    if multimodal:
+        return
+    with_images = [r.case_id for r in requests if not r.text_only]
+    if with_images:
+        source = requests[0].source if requests else "the requests"
+        raise ValueError(
+            f"the {model_type!r} model is text-only but {len(with_images)} of {len(requests)} edit records of "
+            f"{source} carry images (case ids {with_images[:5]}{' ...' if len(with_images) > 5 else ''}); "
+            "edit them with a multimodal model, or give text-only records (ZsRE / CounterFact layouts, or "
+            "MMEdit records without image, image_rephrase, m_loc, m_loc_q, m_loc_a)"
+        )
+
+
+def _check_requests(requests: Sequence[EditRequest], backbone: Backbone) -> list[EditRequest]:
     requests = list(requests)
     if not requests:
-        raise ValueError("no edit requests given; load some with odedit_hf.data.load_mmedit")
+        raise ValueError("no edit requests given; load some with odedit_hf.data.load_edits")
+    check_requests_fit(requests, backbone.spec.multimodal, backbone.spec.model_type)
     return requests
 
 
@@ -402,7 +436,7 @@ def run_batch(
     _name: str = "batch",
 ) -> ProtocolRun:
     """Edit ``batch_size`` requests in one optimisation, score each, roll back, check the hash; repeat."""
-    requests = _check_requests(requests)
+    requests = _check_requests(requests, backbone)
     seed = _check_seed(seed)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -454,7 +488,7 @@ def run_sequential(
     on_adapter: OnAdapter | None = None,
 ) -> ProtocolRun:
     """Apply the edits one after another to one adapter; score each right after it and on the final model."""
-    requests = _check_requests(requests)
+    requests = _check_requests(requests, backbone)
     seed = _check_seed(seed)
     start = time.perf_counter()
     results: list[EditResult] = []

@@ -70,7 +70,8 @@ def aggregate(results: list[EditResult], which: str = "post") -> dict[str, float
     """Field-wise mean of the ``post`` (or ``final``) scores over ``results``.
 
     Returns:
-        ``{"reliability": ..., "reliability_em": ..., ..., "m_locality_easyedit": ...}``, then the optional
+        ``{"reliability": ..., "reliability_em": ..., ..., "m_locality_easyedit": ...}`` (the four
+        multimodal keys only when some edit has an image: text-only data has none), then the optional
         probe scores (``portability``, ``hard_t_locality``, ``unit_consistency``, ...) that at least one
         edit has, each the mean over the edits that have it; a probe no edit has is absent, not zero.
     """
@@ -222,7 +223,8 @@ def format_table(report: Mapping[str, Any]) -> str:
     """The summary table of a report, as printed by ``odedit-hf edit`` (plain text, fixed width).
 
     The optional probe rows (``portability`` acc / EM, ``unit`` generality / consistency,
-    ``hard_t_locality`` and ``hard_m_locality`` answer / easyedit) appear only when the report has them.
+    ``hard_t_locality`` and ``hard_m_locality`` answer / easyedit) appear only when the report has them,
+    and so do the multimodal rows (``m_generality``, ``m_locality``: absent for text-only data).
     """
     post = report["aggregates"]["post"]
     final = report["aggregates"].get("final")
@@ -236,9 +238,10 @@ def format_table(report: Mapping[str, Any]) -> str:
     def present(keys: tuple[str, str]) -> bool:
         return all(k in src for k in keys for src in sources)
 
-    accuracy_rows = [(acc, (acc, em)) for acc, em in _ACCURACY_ROWS]
+    # the multimodal rows only where the data has images (a text-only run has none: absent, not zero)
+    accuracy_rows = [(acc, (acc, em)) for acc, em in _ACCURACY_ROWS if present((acc, em))]
     accuracy_rows += [(name, keys) for name, keys in _PROBE_ACCURACY_ROWS if present(keys)]
-    locality_rows = [(a, (a, e)) for a, e in _LOCALITY_ROWS]
+    locality_rows = [(a, (a, e)) for a, e in _LOCALITY_ROWS if present((a, e))]
     locality_rows += [(a, (a, e)) for a, e in _PROBE_LOCALITY_ROWS if present((a, e))]
     label = max(14, *(len(name) + 1 for name, _ in accuracy_rows + locality_rows))
     width = label + 26 * len(cols)

@@ -69,7 +69,7 @@ def edited_facts(requests: Sequence[Any]) -> list[dict[str, Any]]:
             "src": r.src,
             "pred": r.pred,
             "alt": r.alt,
-            "image": os.path.basename(r.image),
+            "image": os.path.basename(r.image) if r.image else None,  # None: a text-only request
         }
         for r in requests
     ]
