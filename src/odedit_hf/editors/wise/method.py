@@ -314,8 +314,8 @@ class WISEMethod(Editor):
         groups = []
         if self.locality in ("both", "text"):
             groups.append([s["t_locality"] for s in samples])
-        if self.locality in ("both", "image"):
-            groups.append([s["m_locality"] for s in samples])
+        if self.locality in ("both", "image") and all("m_locality" in s for s in samples):
+            groups.append([s["m_locality"] for s in samples])  # text-only records have no image prompt
         return groups
 
     @torch.no_grad()
