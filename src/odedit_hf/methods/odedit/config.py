@@ -18,9 +18,15 @@ __all__ = [
     "LAMBDA_MODES",
     "LAMBDA_PARAMS",
     "LOC_POSITIONS",
+    "ODEDIT_CONFIG_VERSION",
     "REPHRASE_KINDS",
+    "SCHEDULES",
     "ODEditConfig",
 ]
+
+#: Version of ODEdit's defaults; bumped whenever a default of :class:`ODEditConfig` changes, and recorded
+#: with the resolved config in every results file (``ODEditMethod.resolved_config``).
+ODEDIT_CONFIG_VERSION = "1"
 
 LAMBDA_MODES: tuple[str, ...] = ("params", "sketch", "fixed")
 #: The IRM environments (DESIGN §5): the edit prompt, its rephrases, the locality prompts.
@@ -29,6 +35,8 @@ GEN_POSITIONS: tuple[str, ...] = ("answer", "last_prompt")
 LOC_POSITIONS: tuple[str, ...] = ("answer", "all")
 REPHRASE_KINDS: tuple[str, ...] = ("rephrase", "image_rephrase")
 KERNEL_BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+#: Per-edit schedules (see ``ODEditConfig.schedule`` and :class:`~.schedule.EditSchedule`).
+SCHEDULES: tuple[str, ...] = ("from_start", "warmup")
 
 
 @dataclass
@@ -137,8 +145,29 @@ class ODEditConfig(WrapperConfig):
             Lower clamp of lambda; `None`: `lambda_init / 1000` with `lambda_param="log"` (whose dual gradient
             does not fade as lambda falls: unbounded, a long fall below the slack runs the lambda network's
             weights to inf), none otherwise. At either clamp the dual step only moves lambda back inside.
+        schedule (`str`, defaults to `"from_start"`):
+            The phases of one edit in the per-edit loop (:class:`~odedit_hf.methods.odedit.schedule.EditSchedule`):
+            `"from_start"` (the penalty and the dual step act from the first step; the edit stops once
+            `R_rel` is below the editor's `stop_loss`, within the editor's step budget: the original ODEdit
+            loop, kept for ablation) or `"warmup"` (as the OOD-TV-IRM reference: first at most
+            `warmup_steps` steps on `R` alone -- penalty weight 0, no dual step -- ending as soon as `R_rel`
+            is below the editor's `stop_loss`; then a primal-dual phase of at most `penalty_steps` steps that
+            stops once `R_rel < stop_loss` and `P < stop_penalty`, after at least `min_penalty_steps` steps).
+            The `transformers.Trainer` path (`ODEditTrainer`) always applies the penalty from the start.
+        warmup_steps (`int`, defaults to 10):
+            `schedule="warmup"`: the most warm-up steps.
+        penalty_steps (`int`, defaults to 10):
+            `schedule="warmup"`: the most steps of the primal-dual phase.
+        min_penalty_steps (`int`, defaults to 1):
+            `schedule="warmup"`: primal-dual steps taken before the stop test may end the edit.
+        stop_penalty (`float`, *optional*, defaults to 0.5):
+            `schedule="warmup"`: the edit stops only once `P` is below it as well (`None`: no condition on
+            `P`; ignored when `irm_penalty` is off).
         kernel_backend (`str`, defaults to `"auto"`):
             Backend of the fused kernels (`"auto"`, `"triton"`, `"torch"`).
+
+    A fixed lambda (no dual step, lambda stays at `lambda_init`) is `lambda_mode="fixed"`; no IRM-TV penalty
+    at all is `irm_penalty=False`.
     """
 
     alpha: float = field(default=0.1, metadata={"help": "Weight of R_loc."})
@@ -172,6 +201,15 @@ class ODEditConfig(WrapperConfig):
         default=0.0, metadata={"help": "Slack epsilon of the dual: lambda * (P - eps)."}
     )
     lambda_min: float | None = field(default=None, metadata={"help": "Lower clamp of lambda."})
+    schedule: str = field(default="from_start", metadata={"help": "from_start | warmup."})
+    warmup_steps: int = field(default=10, metadata={"help": "warmup schedule: most warm-up steps."})
+    penalty_steps: int = field(default=10, metadata={"help": "warmup schedule: most primal-dual steps."})
+    min_penalty_steps: int = field(
+        default=1, metadata={"help": "warmup schedule: primal-dual steps before the stop test."}
+    )
+    stop_penalty: float | None = field(
+        default=0.5, metadata={"help": "warmup schedule: stop only once P is below this."}
+    )
     kernel_backend: str = field(default="auto", metadata={"help": "auto | triton | torch."})
 
     def __post_init__(self) -> None:
@@ -202,6 +240,26 @@ class ODEditConfig(WrapperConfig):
             raise ValueError(f"{where}: the 'neighbours' IRM environment needs at least one rephrase kind")
         if self.gen_risk and not self.rephrase_kinds:
             raise ValueError(f"{where}: gen_risk=True needs at least one of rephrase_kinds={REPHRASE_KINDS}")
+        for name, low in (("warmup_steps", 0), ("penalty_steps", 1), ("min_penalty_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{where}.{name} must be an int >= {low}, got {value!r}")
+        if self.min_penalty_steps > self.penalty_steps:
+            raise ValueError(
+                f"{where}.min_penalty_steps={self.min_penalty_steps} exceeds penalty_steps={self.penalty_steps}; "
+                "lower it or raise penalty_steps"
+            )
+        if self.stop_penalty is not None:
+            if (
+                isinstance(self.stop_penalty, bool)
+                or not isinstance(self.stop_penalty, (int, float))
+                or not self.stop_penalty > 0
+                or self.stop_penalty == float("inf")
+            ):
+                raise ValueError(
+                    f"{where}.stop_penalty must be a finite number > 0 or None, got {self.stop_penalty!r}"
+                )
+            self.stop_penalty = float(self.stop_penalty)
         for name in ("num_rephrases", "lambda_hidden_size", "sketch_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -214,6 +272,7 @@ class ODEditConfig(WrapperConfig):
             ("lambda_mode", LAMBDA_MODES),
             ("lambda_param", LAMBDA_PARAMS),
             ("kernel_backend", KERNEL_BACKENDS),
+            ("schedule", SCHEDULES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{where}.{name} must be one of {allowed}, got {getattr(self, name)!r}")
