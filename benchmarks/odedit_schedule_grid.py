@@ -10,7 +10,8 @@ metrics, the steps per edit, the edits that used their whole budget and the λ t
     python benchmarks/odedit_schedule_grid.py --protocol sequential --n 50 --editors ft \
         --cells ft fs-fixed-0.1 wu-adaptive-0.1      # only the named cells
 
-Cells: ``<editor>`` (the plain editor), ``fs-off`` / ``wu-off`` (IRM-TV off, each schedule),
+Cells: ``<editor>`` (the plain editor), ``fs-off`` / ``wu-off`` (IRM-TV off, each schedule), ``wu-nll``
+(R_rel alone under the warm-up schedule: the plain editor's loss with the schedule's extra steps),
 ``fs-adaptive-<λ>`` (the original: penalty from step 0, Softplus λ, no slack), ``fs-fixed-<λ>``
 (``lambda_mode="fixed"``), ``wu-adaptive-<λ>`` (``schedule="warmup"``, log-λ, slack = ``stop_penalty``),
 ``wu-fixed-<λ>``. ``--extra '{"lambda_lr": 1.0}'`` is added to every ODEdit cell's options.
@@ -37,7 +38,7 @@ SCHEDULE_OPTIONS: dict[str, dict[str, Any]] = {
 #: the adaptive λ of each schedule: the original Softplus without slack (from step 0), log-λ with the slack
 #: at the stop level of the primal-dual phase (warm-up; the only one whose λ can fall)
 ADAPTIVE_OPTIONS: dict[str, dict[str, Any]] = {
-    "fs": {},
+    "fs": {"lambda_param": "softplus", "dual_slack": 0.0},
     "wu": {"lambda_param": "log", "dual_slack": 0.5},
 }
 
@@ -52,6 +53,8 @@ def cell_options(cell: str, editors: list[str]) -> tuple[str, dict[str, Any]] | 
     options = dict(SCHEDULE_OPTIONS[parts[0]])
     if parts[1:] == ["off"]:
         return "odedit", {**options, "irm_penalty": False}
+    if parts[1:] == ["nll"]:  # the editor's own loss under the schedule: its stop rule and step count alone
+        return "odedit", {**options, "irm_penalty": False, "loc_risk": False, "gen_risk": False}
     if len(parts) != 3 or parts[1] not in ("adaptive", "fixed"):
         return None
     options["lambda_init"] = float(parts[2])

@@ -163,8 +163,11 @@ def test_warmup_schedule_runs_its_phases_and_stop_rule_in_the_method(requests) -
     stats, trace = _edit(requests[:1], None, **warm, lambda_mode="fixed", warmup_steps=2, penalty_steps=2)
     assert stats.steps == 4 and trace["dual_steps"] == 0 and trace["lambda_end"] == pytest.approx(0.1)
     # the original schedule: penalty and dual step from step 0, the editor's own budget
-    stats, trace = _edit(requests[:1], None, lambda_init=0.1)
+    stats, trace = _edit(requests[:1], None, schedule="from_start", lambda_init=0.1)
     assert stats.steps == 12 and trace["dual_steps"] == 12 and trace["warmup_steps"] == 0
+    # warmup_steps None (default): the warm-up gets the editor's own budget (12), then the primal-dual one
+    stats, trace = _edit(requests[:1], None, **warm)
+    assert stats.steps == 22 and (trace["warmup_steps"], trace["penalty_steps"]) == (12, 10)
 
 
 def test_a_dual_step_at_the_defaults_moves_lambda_measurably() -> None:

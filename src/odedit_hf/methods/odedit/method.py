@@ -62,12 +62,13 @@ def edit_schedule(config: ODEditConfig, loop: Any) -> EditSchedule:
     """The :class:`EditSchedule` of one edit under ``config`` (``schedule``) and the editor's ``loop``.
 
     ``"from_start"`` is the editor's own loop rule (penalty from step 0, stop once ``R_rel < stop_loss``,
-    at most ``loop.steps``); ``"warmup"`` plays the reference's warm-up and primal-dual budget.
+    at most ``loop.steps``); ``"warmup"`` plays the reference's warm-up (at most ``warmup_steps``, by default
+    ``loop.steps``) and primal-dual budget.
     """
     if config.schedule == "from_start":
         return EditSchedule.from_start(loop.steps, loop.stop_loss)
     return EditSchedule(
-        warmup_steps=config.warmup_steps,
+        warmup_steps=loop.steps if config.warmup_steps is None else config.warmup_steps,
         penalty_steps=config.penalty_steps,
         stop_rel=loop.stop_loss,
         stop_penalty=config.stop_penalty if config.irm_penalty else None,
@@ -156,12 +157,12 @@ class PrimalDualObjective:
 
     def should_stop(self, step: int, stop_value: torch.Tensor) -> bool:
         """The schedule's decision for ``step`` (taken in :meth:`__call__` from its ``R_rel`` and ``P``)."""
-        if not self._stop:
-            self.trace["penalty_steps" if self.schedule.dual_active(step) else "warmup_steps"] += 1
         return self._stop
 
     def after_optimizer_step(self, step: int) -> None:
-        stepped = dual_step(self.lambda_net, self.dual_optimizer, skip=not self.schedule.dual_active(step))
+        active = self.schedule.dual_active(step)
+        self.trace["penalty_steps" if active else "warmup_steps"] += 1  # optimiser steps taken, per phase
+        stepped = dual_step(self.lambda_net, self.dual_optimizer, skip=not active)
         self.trace["dual_steps"] += int(stepped)
 
 
@@ -252,7 +253,7 @@ class ODEditMethod(Wrapper):
                 schedule=schedule,
             )
             loop = self.loop
-            if loop.steps != schedule.total_steps:
+            if loop.steps != schedule.total_steps:  # warmup: the warm-up and primal-dual budgets together
                 loop = dataclasses.replace(loop, steps=schedule.total_steps)
             stats = run_edit_loop(peft_model, params, loop, step_objective, snapshot=snapshot)
         stats.stopped_early = schedule.stopped_by_rule
