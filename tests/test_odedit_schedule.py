@@ -51,6 +51,20 @@ def test_stop_needs_both_reliability_and_a_small_penalty() -> None:
     assert _drive(s, r_rel, [5.0])[1] == 20
 
 
+def test_an_unfitted_warmup_ends_the_edit_when_the_penalty_needs_a_fit() -> None:
+    # R_rel never below τ: with penalty_needs_fit the edit ends after the warm-up's budget, as the editor's
+    # own loop would, instead of starting the primal-dual game from an unlikely target
+    s = EditSchedule(warmup_steps=3, penalty_steps=4, stop_rel=0.1, penalty_needs_fit=True)
+    weights, stop = _drive(s, [5.0] * 10, [100.0])
+    assert stop == 3 and weights == [0.0, 0.0, 0.0, 1.0] and not s.stopped_by_rule
+    # fitted by the last warm-up step: the primal-dual phase runs
+    s = EditSchedule(
+        warmup_steps=3, penalty_steps=4, stop_rel=0.1, penalty_needs_fit=True, warmup_until_fit=False
+    )
+    weights, stop = _drive(s, [5.0, 5.0, 5.0, 0.05], [0.1])
+    assert stop == 4 and weights[3] == 1.0 and s.stopped_by_rule
+
+
 def test_schedule_validates_its_arguments() -> None:
     with pytest.raises(ValueError, match="penalty_steps must be an int >= 1"):
         EditSchedule(penalty_steps=0)

@@ -74,6 +74,7 @@ def edit_schedule(config: ODEditConfig, loop: Any) -> EditSchedule:
         stop_penalty=config.stop_penalty if config.irm_penalty else None,
         min_penalty_steps=config.min_penalty_steps,
         warmup_until_fit=True,
+        penalty_needs_fit=True,
     )
 
 

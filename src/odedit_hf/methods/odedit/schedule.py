@@ -51,6 +51,9 @@ class EditSchedule:
         min_penalty_steps: primal–dual steps taken before the stop test may end the edit (so that the penalty
             acts at least this often even when the warm-up already reached ``τ``).
         warmup_until_fit: end the warm-up as soon as ``R_rel < τ`` (else it runs ``warmup_steps`` steps).
+        penalty_needs_fit: an edit whose warm-up spent its budget without reaching ``R_rel < τ`` ends there
+            (as the editor's own loop would) instead of entering the primal–dual phase unfitted, where the
+            penalty of an unlikely target (P ~ 1e2–1e3) drives an adaptive λ to its clamp within a step.
     """
 
     warmup_steps: int = 0
@@ -59,6 +62,7 @@ class EditSchedule:
     stop_penalty: float | None = None
     min_penalty_steps: int = 1
     warmup_until_fit: bool = True
+    penalty_needs_fit: bool = False
     _penalty_start: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -142,6 +146,9 @@ class EditSchedule:
                     logger.debug("EditSchedule: warm-up budget ends after step %d (R_rel %.4g)", step, r_rel)
                 return False
         done = step - self._penalty_start
+        if done == 0 and self.penalty_needs_fit and self.warmup_steps > 0 and step == self.warmup_steps:
+            if self.stop_rel is not None and not r_rel < self.stop_rel:
+                return True  # the warm-up's budget ran out before the edit was in
         if done >= self.min_penalty_steps and self.stop_rel is not None and r_rel < self.stop_rel:
             if self.stop_penalty is None or (penalty is not None and penalty < self.stop_penalty):
                 self.stopped_by_rule = True
