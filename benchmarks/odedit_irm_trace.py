@@ -14,8 +14,11 @@ step, same early stop on ``R_rel``) that records, at every step and *before* the
   ``tot`` is the sum (the full primal gradient); ``zy_*`` is the same split for the pull on the target
   logits of the edit prompt (mean over target tokens of ``-∂term/∂z_y``: positive raises the target).
 
-``--schedule '{"warmup_steps": 5, "penalty_steps": 10}'`` runs the edit under
-:class:`odedit_hf.methods.odedit.schedule.EditSchedule` instead of the plain early stop (when that module exists).
+The edit runs under the config's own schedule (``ODEditConfig.schedule``, e.g. ``--objective
+'{"schedule": "warmup"}'``); ``--schedule '{"warmup_steps": 5, "penalty_steps": 10}'`` gives
+:class:`odedit_hf.methods.odedit.schedule.EditSchedule` arguments directly instead. As in ODEditMethod, the
+stop test of a step runs before its penalty weight is read (the step whose forward first shows the edit in
+is already a primal–dual step).
 
 Usage (world folder from ``odedit-hf world``; without ``--world`` the cached tiny world)::
 
@@ -87,23 +90,25 @@ def _traced_method_class() -> type:
             edit_batch = build_edit_batch(
                 backbone, requests, needed_groups(config), num_rephrases=config.num_rephrases, device=device
             )
+            self.before_edit(peft_model, backbone, requests)
             with backbone.frozen_vision_cache():
-                return self._edit(peft_model, backbone, edit_batch, config, adapter, device)
+                stats = self._edit(peft_model, backbone, edit_batch, config, adapter, device)
+            self.after_edit(peft_model, backbone, requests, stats)
+            return stats
 
         def _edit(self, peft_model, backbone, edit_batch, config, adapter, device):  # noqa: ANN001, ANN202
-            from odedit_hf.editing import AdapterSnapshot, EditStats, trainable_parameters
+            from odedit_hf.editing import EditStats
 
             loop = self.loop
             objective = ODEditObjective(config, backbone)
             forward = backbone.forward
-            is_identity = getattr(self.editor, "adapter_is_identity", None)
-            first_is_pre_edit = bool(is_identity is not None and is_identity(peft_model))
+            first_is_pre_edit = self.adapter_is_identity(peft_model)
             if not first_is_pre_edit:
                 with peft_model.disable_adapter():
                     objective.prepare(forward, edit_batch)
-            params = trainable_parameters(peft_model)
+            params = self.edit_parameters(peft_model)
             lambda_net, dual_optimizer = build_lambda_network(config, params, device=device)
-            snapshot = AdapterSnapshot(peft_model, adapter)
+            snapshot = self.snapshot(peft_model, adapter)
             optimizer = torch.optim.Adam(params, lr=loop.lr, weight_decay=loop.weight_decay)
             from odedit_hf.editing.editor import apply_constraints
 
@@ -112,12 +117,14 @@ def _traced_method_class() -> type:
             ) -> None:  # the adapter layers' constraints, as the shared loop applies them
                 apply_constraints(peft_model)
 
-            schedule = None
-            if self.schedule_kwargs is not None:
-                from odedit_hf.methods.odedit.schedule import EditSchedule
+            from odedit_hf.methods.odedit.method import edit_schedule
+            from odedit_hf.methods.odedit.schedule import EditSchedule
 
+            if self.schedule_kwargs is not None:
                 schedule = EditSchedule(**{"stop_rel": loop.stop_loss, **self.schedule_kwargs})
-            budget = loop.steps if schedule is None else schedule.total_steps
+            else:  # the config's own schedule (ODEditConfig.schedule), as ODEditMethod runs it
+                schedule = edit_schedule(config, loop)
+            budget = schedule.total_steps
             losses: list[float] = []
             stopped_early = False
             steps = 0
@@ -126,14 +133,15 @@ def _traced_method_class() -> type:
                 for step in range(budget + 1):
                     captured.clear()
                     lam = lambda_net(params) if config.irm_penalty else None
-                    weight = 1.0 if schedule is None else schedule.penalty_weight(step)
-                    terms = objective(
-                        forward,
-                        edit_batch,
-                        None if lam is None else lam * weight,
-                        pre_edit=first_is_pre_edit and step == 0,
-                    )
-                    value = float(terms.total.detach())
+                    terms = objective(forward, edit_batch, lam, pre_edit=first_is_pre_edit and step == 0)
+                    r_rel = float(terms.r_rel.detach())
+                    penalty = float(terms.penalty.detach()) if terms.penalty is not None else None
+                    # the stop test first (it ends the warm-up), then the step's penalty weight, as
+                    # PrimalDualObjective does
+                    stop = schedule.should_stop(step, r_rel, penalty)
+                    weight = schedule.penalty_weight(step)
+                    loss = terms.total if weight else terms.risk
+                    value = float(loss.detach())
                     if not math.isfinite(value):
                         raise ODEditDivergedError(f"loss {value} at step {step}: {terms.as_floats()}")
                     losses.append(value)
@@ -144,26 +152,20 @@ def _traced_method_class() -> type:
                         lambda_net.clear_dual_record(
                             keep_input=True
                         )  # the split's autograd passes went through λ too
-                    r_rel = float(terms.r_rel.detach())
-                    penalty = float(terms.penalty.detach()) if terms.penalty is not None else 0.0
-                    if schedule is None:
-                        stop = loop.stop_loss is not None and r_rel < loop.stop_loss
-                    else:
-                        stop = schedule.should_stop(step, r_rel, penalty)
                     if stop:
-                        stopped_early = True
+                        stopped_early = schedule.stopped_by_rule
                         break
                     if step == budget:
                         break
                     optimizer.zero_grad(set_to_none=True)
-                    terms.total.backward()
+                    loss.backward()
                     if loop.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, loop.max_grad_norm)
                     optimizer.step()
                     dual_step(
                         lambda_net,
                         dual_optimizer,
-                        skip=schedule is not None and not schedule.dual_active(step),
+                        skip=not schedule.dual_active(step),
                     )
                     steps += 1
                     if post_step is not None:
@@ -193,7 +195,7 @@ def _traced_method_class() -> type:
                 "P": f.get("penalty"),
                 "lambda": float(lam.detach()) if lam is not None else None,
                 "weight": weight,
-                "loss": f["loss"],
+                "loss": f["loss"] if weight else float(terms.risk.detach()),
             }
             if not self.decompose:
                 return row
@@ -298,7 +300,7 @@ def _run(
     objective = {"lambda_init": lambda_init, **args.objective}
     base = _method(f"odedit+{editor}", args.editor_args, objective)
     cls = _traced_method_class()
-    method = cls(editor=base.editor, objective=base.objective, loop=base.loop)
+    method = cls(editor=base.editor, objective=base.objective)
     method.rows = []
     method.decompose = args.decompose
     method.schedule_kwargs = args.schedule

@@ -103,7 +103,8 @@ def test_lambda_network_checks_its_input_size() -> None:
 
 
 def _library_dual(mode: str, params: list[torch.nn.Parameter], **options):  # noqa: ANN202
-    """The λ-network and dual optimiser exactly as ODEdit builds them (``build_lambda_network``)."""
+    """The λ-network and dual optimiser exactly as ODEdit builds them (``build_lambda_network``); the
+    parametrisation of config version 1 (Softplus, no slack) unless ``options`` say otherwise."""
     from peft import LoraConfig
 
     from odedit_hf.methods.odedit import ODEditConfig
@@ -114,7 +115,7 @@ def _library_dual(mode: str, params: list[torch.nn.Parameter], **options):  # no
         lambda_mode=mode,
         lambda_hidden_size=8,
         sketch_dim=4,
-        **options,
+        **{"lambda_param": "softplus", "dual_slack": 0.0, **options},
     )
     return build_lambda_network(config, params, init_seed=0)
 
@@ -324,7 +325,8 @@ def test_config_carries_the_parametrisation_to_the_network() -> None:
     from odedit_hf.methods.odedit.objective import build_lambda_network
 
     config = ODEditConfig(editor=LoraConfig(target_modules=["x"]), lambda_param="log", dual_slack=0.5)
-    assert ODEditConfig(editor=LoraConfig(target_modules=["x"])).lambda_param == "softplus"  # default kept
+    default = ODEditConfig(editor=LoraConfig(target_modules=["x"]))
+    assert (default.lambda_param, default.dual_slack) == ("log", 0.5)  # the defaults of config version 2
     net, opt = build_lambda_network(config, _params(), init_seed=0)
     assert net.lambda_param == "log" and net.dual_slack == 0.5 and opt is not None
     with pytest.raises(ValueError, match="lambda_param must be one of"):

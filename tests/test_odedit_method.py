@@ -104,7 +104,8 @@ def test_edit_lowers_the_reliability_risk_and_keeps_the_base(kind: str, lambda_m
     method = ODEditMethod(_editor(kind), objective={"lambda_mode": lambda_mode})
     peft_model, base, digest = _wrap(method, backbone)
     stats = method.edit(peft_model, backbone, requests[:1])
-    assert stats.steps == 12 and len(stats.losses) == 13
+    # no early stop (stop_loss None): the warm-up schedule's whole budget, the editor's 12 steps + 10
+    assert stats.steps == 12 + 10 and len(stats.losses) == 23
     assert stats.losses[-1] < stats.losses[0]
     assert all(torch.isfinite(torch.tensor(stats.losses)))
     base.check(digest, context="after an ODEdit edit")
@@ -119,7 +120,9 @@ def test_the_loop_uses_the_same_objective_as_the_trainer(requests, tmp_path) -> 
     from odedit_hf.methods.odedit import ODEditTrainer, ODEditTrainingArguments
 
     method = ODEditMethod(
-        _editor("lora", steps=1), objective={"lambda_mode": "sketch", "alpha": 0.5, "lambda_init": 0.2}
+        _editor("lora", steps=1),
+        # the Trainer applies the penalty from the first step: so does the "from_start" schedule
+        objective={"lambda_mode": "sketch", "alpha": 0.5, "lambda_init": 0.2, "schedule": "from_start"},
     )
     models = []
     for _ in range(2):  # two identical models: one for the loop, one for the Trainer

@@ -83,7 +83,15 @@ def _trainer(tmp_path, requests, train_args=None, **config):  # noqa: ANN001, AN
 def test_trainer_batch_edit_descends_and_the_dual_step_raises_lambda(
     lambda_mode: str, requests, tmp_path
 ) -> None:  # noqa: ANN001
-    trainer, _ = _trainer(tmp_path, requests, lambda_mode=lambda_mode, lambda_lr=5e-2, lambda_init=1.0)
+    trainer, _ = _trainer(
+        tmp_path,
+        requests,
+        lambda_mode=lambda_mode,
+        lambda_lr=5e-2,
+        lambda_init=1.0,
+        lambda_param="softplus",  # no slack (config version 1): P > 0 can only raise λ
+        dual_slack=0.0,
+    )
     lam0 = trainer.current_lambda()
     out = trainer.train()
     assert out.global_step == 6

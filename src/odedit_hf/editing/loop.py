@@ -93,6 +93,8 @@ class StepObjective(Protocol):
     the scalar loss to back-propagate, the scalar the early stop compares with ``stop_loss`` (the
     edit's NLL, so that every objective stops at the same reliability) and named terms for logs.
     ``after_optimizer_step(step)`` runs right after each optimiser step (ODEdit's dual step).
+    Optionally, ``should_stop(step, stop_value) -> bool`` replaces the ``stop_loss`` test (ODEdit's
+    warm-up schedule); the budget ``steps`` still bounds the loop.
     """
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]: ...
@@ -152,6 +154,7 @@ def run_edit_loop(
         )
     layers = constrained_layers(model)
     optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    should_stop = getattr(objective, "should_stop", None)  # optional: the objective's own stop rule
     losses: list[float] = []
     stopped_early = False
     steps = 0
@@ -165,7 +168,11 @@ def run_edit_loop(
                     f"rate (now {config.lr})" + ("; the adapter was restored" if snapshot is not None else "")
                 )
             losses.append(value)
-            if config.stop_loss is not None and float(stop_value.detach()) < config.stop_loss:
+            if should_stop is not None:
+                stop = bool(should_stop(step, stop_value))
+            else:
+                stop = config.stop_loss is not None and float(stop_value.detach()) < config.stop_loss
+            if stop:
                 stopped_early = True
                 break
             if step == config.steps:

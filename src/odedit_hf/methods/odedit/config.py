@@ -18,9 +18,15 @@ __all__ = [
     "LAMBDA_MODES",
     "LAMBDA_PARAMS",
     "LOC_POSITIONS",
+    "ODEDIT_CONFIG_VERSION",
     "REPHRASE_KINDS",
+    "SCHEDULES",
     "ODEditConfig",
 ]
+
+#: Version of ODEdit's defaults; bumped whenever a default of :class:`ODEditConfig` changes, and recorded
+#: with the resolved config in every results file (``ODEditMethod.resolved_config``).
+ODEDIT_CONFIG_VERSION = "2"
 
 LAMBDA_MODES: tuple[str, ...] = ("params", "sketch", "fixed")
 #: The IRM environments (DESIGN §5): the edit prompt, its rephrases, the locality prompts.
@@ -29,6 +35,8 @@ GEN_POSITIONS: tuple[str, ...] = ("answer", "last_prompt")
 LOC_POSITIONS: tuple[str, ...] = ("answer", "all")
 REPHRASE_KINDS: tuple[str, ...] = ("rephrase", "image_rephrase")
 KERNEL_BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+#: Per-edit schedules (see ``ODEditConfig.schedule`` and :class:`~.schedule.EditSchedule`).
+SCHEDULES: tuple[str, ...] = ("from_start", "warmup")
 
 
 @dataclass
@@ -98,14 +106,15 @@ class ODEditConfig(WrapperConfig):
             network: lambda = `lambda_init`, for ablation). `"sketch"` is the default because on the
             embedded tiny world (100 single edits, seeds 0-2) it matched `"params"` in every metric within
             the seed spread at about a third of the time per edit (benchmarks/RESULTS.md).
-        lambda_init (`float`, defaults to 0.001):
+        lambda_init (`float`, defaults to 0.01):
             Initial lambda (the network's output layer starts at zero weight and a bias giving this value).
             `dR/domega = E_p[z] - z_y` is positive while the target is unlikely and negative once it leads, so
             the penalty first helps and then resists sharpening the target; a large lambda slows edits: on an
             earlier tiny world (20 edits, FT-L) reliability was 0.25 at 0.1, 0.95 at 0.01 and 1.0 at 0.001,
             and sequential edits took 10.6 steps at 0.1 on world v3 (benchmarks/RESULTS.md, "IRM-TV trace").
             With `lambda_param="softplus"` the dual step barely moves a small lambda, so 0.001 is in effect a
-            fixed lambda.
+            fixed lambda. The default 0.01 (config version 2, with `schedule="warmup"`) is the value of the
+            ablation grid in docs/ODEDIT.md; 0.001 was the default of version 1.
         lambda_hidden_size (`int`, defaults to 64):
             Width of the two hidden layers of the 3-layer lambda network.
         sketch_dim (`int`, defaults to 128):
@@ -116,7 +125,7 @@ class ODEditConfig(WrapperConfig):
             Learning rate of the dual step: plain gradient ascent (SGD, ``maximize=True``) on the lambda
             network's dual objective `psi * (P - dual_slack)` (see `lambda_param`), so lambda moves in
             proportion to the penalty that remains above the slack.
-        lambda_param (`str`, defaults to `"softplus"`):
+        lambda_param (`str`, defaults to `"log"`):
             How the network output `out` gives lambda, and the coordinate `psi` its dual step ascends:
             `"softplus"` (lambda = Softplus(out), psi = lambda; the original: on Softplus's flat end a step
             changes lambda by about `lambda_lr * P * lambda^2`, so a small `lambda_init` hardly moves),
@@ -124,11 +133,12 @@ class ODEditConfig(WrapperConfig):
             `lambda_lr * (P - dual_slack)` whatever lambda is; the clamp `lambda_max` acts in log space) or
             `"scaled_softplus"` (lambda = lambda_init * Softplus(out) / log(2), psi = lambda / lambda_init:
             the step changes lambda by about `0.5 * lambda_lr * (P - dual_slack) * lambda_init` at the start,
-            and lambda can fall to 0). The last two need `lambda_init > 0`.
-        dual_slack (`float`, defaults to 0.0):
+            and lambda can fall to 0). The last two need `lambda_init > 0`. `"softplus"` was the default of
+            config version 1.
+        dual_slack (`float`, defaults to 0.5):
             The slack epsilon of the dual objective `psi * (P - epsilon)`: lambda rises while the penalty is
             above epsilon and falls while it is below. 0 keeps the original `lambda * P`, which (P >= 0) can
-            only raise lambda.
+            only raise lambda (the default of config version 1). The default 0.5 equals `stop_penalty`.
         lambda_max (`float`, *optional*, defaults to 10.0):
             Upper clamp of lambda; `None` leaves it free. Ascent on a 3-layer network compounds (every layer's
             step scales the others' gradients): free, lambda reached inf within 13 steps of an edit on the
@@ -137,8 +147,35 @@ class ODEditConfig(WrapperConfig):
             Lower clamp of lambda; `None`: `lambda_init / 1000` with `lambda_param="log"` (whose dual gradient
             does not fade as lambda falls: unbounded, a long fall below the slack runs the lambda network's
             weights to inf), none otherwise. At either clamp the dual step only moves lambda back inside.
+        schedule (`str`, defaults to `"warmup"`):
+            The phases of one edit in the per-edit loop (:class:`~odedit_hf.methods.odedit.schedule.EditSchedule`):
+            `"from_start"` (the penalty and the dual step act from the first step; the edit stops once
+            `R_rel` is below the editor's `stop_loss`, within the editor's step budget: the original ODEdit
+            loop, kept for ablation) or `"warmup"` (as the OOD-TV-IRM reference: first at most
+            `warmup_steps` steps on `R` alone -- penalty weight 0, no dual step -- ending as soon as `R_rel`
+            is below the editor's `stop_loss`; then a primal-dual phase of at most `penalty_steps` steps that
+            stops once `R_rel < stop_loss` and `P < stop_penalty`, after at least `min_penalty_steps` steps).
+            The whole edit takes at most `warmup_steps + penalty_steps` steps.
+            The `transformers.Trainer` path (`ODEditTrainer`) always applies the penalty from the start.
+            `"warmup"` is the default from config version 2 (docs/ODEDIT.md: on the tiny world it raised
+            single-edit M-Gen over the editor by more than `"from_start"` did, mostly through the extra
+            penalised step after the fit; version 1 was `"from_start"`).
+        warmup_steps (`int`, *optional*):
+            `schedule="warmup"`: the most warm-up steps; `None` (default): the editor's `steps`, so that an edit
+            the editor fits within its own budget always enters the primal-dual phase fitted (a warm-up cut
+            short leaves P at 1e2-1e3, which sends a log-lambda to its clamp in one dual step).
+        penalty_steps (`int`, defaults to 10):
+            `schedule="warmup"`: the most steps of the primal-dual phase.
+        min_penalty_steps (`int`, defaults to 1):
+            `schedule="warmup"`: primal-dual steps taken before the stop test may end the edit.
+        stop_penalty (`float`, *optional*, defaults to 0.5):
+            `schedule="warmup"`: the edit stops only once `P` is below it as well (`None`: no condition on
+            `P`; ignored when `irm_penalty` is off).
         kernel_backend (`str`, defaults to `"auto"`):
             Backend of the fused kernels (`"auto"`, `"triton"`, `"torch"`).
+
+    A fixed lambda (no dual step, lambda stays at `lambda_init`) is `lambda_mode="fixed"`; no IRM-TV penalty
+    at all is `irm_penalty=False`.
     """
 
     alpha: float = field(default=0.1, metadata={"help": "Weight of R_loc."})
@@ -161,17 +198,28 @@ class ODEditConfig(WrapperConfig):
         default=IRM_ENVIRONMENTS, metadata={"help": "Environments in the IRM-TV penalty."}
     )
     lambda_mode: str = field(default="sketch", metadata={"help": "params | sketch | fixed."})
-    lambda_init: float = field(default=0.001, metadata={"help": "Initial lambda."})
+    lambda_init: float = field(default=0.01, metadata={"help": "Initial lambda."})
     lambda_hidden_size: int = field(default=64, metadata={"help": "Hidden width of the lambda network."})
     sketch_dim: int = field(default=128, metadata={"help": "Sketch size."})
     sketch_seed: int = field(default=0, metadata={"help": "Sketch seed."})
     lambda_lr: float = field(default=0.1, metadata={"help": "Dual learning rate."})
     lambda_max: float | None = field(default=10.0, metadata={"help": "Upper clamp of lambda."})
-    lambda_param: str = field(default="softplus", metadata={"help": "softplus | log | scaled_softplus."})
+    lambda_param: str = field(default="log", metadata={"help": "softplus | log | scaled_softplus."})
     dual_slack: float = field(
-        default=0.0, metadata={"help": "Slack epsilon of the dual: lambda * (P - eps)."}
+        default=0.5, metadata={"help": "Slack epsilon of the dual: lambda * (P - eps)."}
     )
     lambda_min: float | None = field(default=None, metadata={"help": "Lower clamp of lambda."})
+    schedule: str = field(default="warmup", metadata={"help": "from_start | warmup."})
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "warmup schedule: most warm-up steps (None: the editor's steps)."}
+    )
+    penalty_steps: int = field(default=10, metadata={"help": "warmup schedule: most primal-dual steps."})
+    min_penalty_steps: int = field(
+        default=1, metadata={"help": "warmup schedule: primal-dual steps before the stop test."}
+    )
+    stop_penalty: float | None = field(
+        default=0.5, metadata={"help": "warmup schedule: stop only once P is below this."}
+    )
     kernel_backend: str = field(default="auto", metadata={"help": "auto | triton | torch."})
 
     def __post_init__(self) -> None:
@@ -202,6 +250,28 @@ class ODEditConfig(WrapperConfig):
             raise ValueError(f"{where}: the 'neighbours' IRM environment needs at least one rephrase kind")
         if self.gen_risk and not self.rephrase_kinds:
             raise ValueError(f"{where}: gen_risk=True needs at least one of rephrase_kinds={REPHRASE_KINDS}")
+        for name, low in (("warmup_steps", 0), ("penalty_steps", 1), ("min_penalty_steps", 0)):
+            value = getattr(self, name)
+            if name == "warmup_steps" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{where}.{name} must be an int >= {low}, got {value!r}")
+        if self.min_penalty_steps > self.penalty_steps:
+            raise ValueError(
+                f"{where}.min_penalty_steps={self.min_penalty_steps} exceeds penalty_steps={self.penalty_steps}; "
+                "lower it or raise penalty_steps"
+            )
+        if self.stop_penalty is not None:
+            if (
+                isinstance(self.stop_penalty, bool)
+                or not isinstance(self.stop_penalty, (int, float))
+                or not self.stop_penalty > 0
+                or self.stop_penalty == float("inf")
+            ):
+                raise ValueError(
+                    f"{where}.stop_penalty must be a finite number > 0 or None, got {self.stop_penalty!r}"
+                )
+            self.stop_penalty = float(self.stop_penalty)
         for name in ("num_rephrases", "lambda_hidden_size", "sketch_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -214,6 +284,7 @@ class ODEditConfig(WrapperConfig):
             ("lambda_mode", LAMBDA_MODES),
             ("lambda_param", LAMBDA_PARAMS),
             ("kernel_backend", KERNEL_BACKENDS),
+            ("schedule", SCHEDULES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{where}.{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -11,7 +11,9 @@ method uses), on the very loss of :class:`~odedit_hf.methods.odedit.trainer.ODEd
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -22,9 +24,10 @@ from odedit_hf.editing.environments import build_edit_batch
 from odedit_hf.editing.loop import EditDivergedError, run_edit_loop
 from odedit_hf.editing.wrapper import Wrapper
 
-from .config import ODEditConfig
+from .config import ODEDIT_CONFIG_VERSION, ODEditConfig
 from .objective import ODEditObjective, build_lambda_network, dual_step
 from .risks import needed_groups
+from .schedule import EditSchedule
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -38,7 +41,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ODEditDivergedError", "ODEditMethod", "PrimalDualObjective", "objective_field_names"]
+__all__ = [
+    "ODEditDivergedError",
+    "ODEditMethod",
+    "PrimalDualObjective",
+    "edit_schedule",
+    "objective_field_names",
+]
 
 #: Kept for callers of the first release: a diverged ODEdit edit raises the loop's error.
 ODEditDivergedError = EditDivergedError
@@ -49,9 +58,35 @@ def objective_field_names() -> list[str]:
     return ODEditConfig.option_names()
 
 
+def edit_schedule(config: ODEditConfig, loop: Any) -> EditSchedule:
+    """The :class:`EditSchedule` of one edit under ``config`` (``schedule``) and the editor's ``loop``.
+
+    ``"from_start"`` is the editor's own loop rule (penalty from step 0, stop once ``R_rel < stop_loss``,
+    at most ``loop.steps``); ``"warmup"`` plays the reference's warm-up (at most ``warmup_steps``, by default
+    ``loop.steps``) and primal-dual budget.
+    """
+    if config.schedule == "from_start":
+        return EditSchedule.from_start(loop.steps, loop.stop_loss)
+    return EditSchedule(
+        warmup_steps=loop.steps if config.warmup_steps is None else config.warmup_steps,
+        penalty_steps=config.penalty_steps,
+        stop_rel=loop.stop_loss,
+        stop_penalty=config.stop_penalty if config.irm_penalty else None,
+        min_penalty_steps=config.min_penalty_steps,
+        warmup_until_fit=True,
+        penalty_needs_fit=True,
+    )
+
+
 class PrimalDualObjective:
     """One ODEdit step for :func:`run_edit_loop`: λ from the λ-network, the ODEdit terms, the editor's
     own terms; after each primal optimiser step, the dual (ascent) step on the λ-network.
+
+    The :class:`EditSchedule` decides, from each step's ``R_rel`` and ``P``, when the edit stops
+    (:meth:`should_stop`, called by the loop), whether the step's loss carries ``λ·P`` (not in the warm-up:
+    the loss is then ``R`` alone, so the penalty sends no gradient to the edit parameters) and whether the
+    dual step runs. :attr:`trace` holds what the edit did: λ at the first primal-dual step and at the last
+    forward, the steps of each phase and the dual steps taken.
 
     Args:
         objective: the :class:`ODEditObjective` (its pre-edit state prepared, or ``first_is_pre_edit``).
@@ -61,6 +96,7 @@ class PrimalDualObjective:
         params: the edit parameters (the λ-network's input).
         lambda_net, dual_optimizer: from :func:`build_lambda_network`.
         first_is_pre_edit: step 0's forward is the pre-edit model (the adapter is still the identity).
+        schedule: the edit's phases (default: the penalty from step 0, stop once ``R_rel < 0.1``).
     """
 
     def __init__(
@@ -74,6 +110,7 @@ class PrimalDualObjective:
         dual_optimizer: torch.optim.Optimizer | None,
         *,
         first_is_pre_edit: bool,
+        schedule: EditSchedule | None = None,
     ) -> None:
         self.objective = objective
         self.editor = editor
@@ -85,6 +122,16 @@ class PrimalDualObjective:
         self.first_is_pre_edit = first_is_pre_edit
         self.forward = objective.backbone.forward
         self.last_terms: dict[str, float] = {}
+        self.schedule = schedule if schedule is not None else EditSchedule.from_start(50, 0.1)
+        self.schedule.reset()
+        self._stop = False
+        self.trace: dict[str, Any] = {
+            "lambda_start": None,
+            "lambda_end": None,
+            "warmup_steps": 0,
+            "penalty_steps": 0,
+            "dual_steps": 0,
+        }
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         cfg = self.objective.config
@@ -92,7 +139,15 @@ class PrimalDualObjective:
         terms = self.objective(
             self.forward, self.edit_batch, lam, pre_edit=self.first_is_pre_edit and step == 0
         )
-        total = terms.total
+        penalty = None if terms.penalty is None else float(terms.penalty.detach())
+        self._stop = self.schedule.should_stop(step, float(terms.r_rel.detach()), penalty)
+        with_penalty = self.schedule.penalty_weight(step) > 0
+        total = terms.total if with_penalty else terms.risk
+        if lam is not None and with_penalty:
+            value = float(lam.detach())
+            if self.trace["lambda_start"] is None:
+                self.trace["lambda_start"] = value
+            self.trace["lambda_end"] = value
         extra = self.editor.extra_loss(self.peft_model)
         for value in extra.values():
             total = total + value
@@ -101,8 +156,15 @@ class PrimalDualObjective:
         self.last_terms = terms.as_floats()
         return total, terms.r_rel, named
 
+    def should_stop(self, step: int, stop_value: torch.Tensor) -> bool:
+        """The schedule's decision for ``step`` (taken in :meth:`__call__` from its ``R_rel`` and ``P``)."""
+        return self._stop
+
     def after_optimizer_step(self, step: int) -> None:
-        dual_step(self.lambda_net, self.dual_optimizer)
+        active = self.schedule.dual_active(step)
+        self.trace["penalty_steps" if active else "warmup_steps"] += 1  # optimiser steps taken, per phase
+        stepped = dual_step(self.lambda_net, self.dual_optimizer, skip=not active)
+        self.trace["dual_steps"] += int(stepped)
 
 
 class ODEditMethod(Wrapper):
@@ -137,6 +199,12 @@ class ODEditMethod(Wrapper):
 
     def options(self) -> dict[str, Any]:
         return {"editor": self.editor, **self.objective}
+
+    def resolved_config(self) -> dict[str, Any]:
+        """The wrapper's resolved config (every ODEdit option, defaults included) and ``config_version``."""
+        out = super().resolved_config()
+        out["config_version"] = ODEDIT_CONFIG_VERSION
+        return out
 
     def edit(self, peft_model: PeftModel, backbone: Backbone, requests: Sequence[EditRequest]) -> EditStats:
         """Edit ``requests`` (one optimisation) into the active adapter with the primal-dual objective.
@@ -173,6 +241,7 @@ class ODEditMethod(Wrapper):
                     objective.prepare(backbone.forward, edit_batch)
             params = self.edit_parameters(peft_model)
             lambda_net, dual_optimizer = build_lambda_network(config, params, device=device)
+            schedule = edit_schedule(config, self.loop)
             step_objective = PrimalDualObjective(
                 objective,
                 self.editor,
@@ -182,8 +251,20 @@ class ODEditMethod(Wrapper):
                 lambda_net,
                 dual_optimizer,
                 first_is_pre_edit=first_is_pre_edit,
+                schedule=schedule,
             )
-            stats = run_edit_loop(peft_model, params, self.loop, step_objective, snapshot=snapshot)
-        logger.debug("ODEdit: %d steps, last terms %s", stats.steps, step_objective.last_terms)
+            loop = self.loop
+            if loop.steps != schedule.total_steps:  # warmup: the warm-up and primal-dual budgets together
+                loop = dataclasses.replace(loop, steps=schedule.total_steps)
+            stats = run_edit_loop(peft_model, params, loop, step_objective, snapshot=snapshot)
+        stats.stopped_early = schedule.stopped_by_rule
+        trace = dict(step_objective.trace, steps=stats.steps, stopped_by_rule=stats.stopped_early)
+        start, end = trace["lambda_start"], trace["lambda_end"]
+        trace["log_lambda_ratio"] = math.log(end / start) if start and end and start > 0 and end > 0 else None
+        #: what the last edit did (λ at its first primal-dual step and at its last forward, steps per phase)
+        self.last_edit_trace = trace
+        logger.debug(
+            "ODEdit: %d steps, last terms %s, trace %s", stats.steps, step_objective.last_terms, trace
+        )
         self.after_edit(peft_model, backbone, requests, stats)
         return stats

@@ -41,10 +41,11 @@ __all__ = ["LossTerms", "ODEditObjective", "dual_step"]
 
 @dataclass
 class LossTerms:
-    """The terms of one step (tensors, still attached to the graph)."""
+    """The terms of one step (tensors, still attached to the graph); ``risk`` is ``total`` without ``λ·P``."""
 
     total: torch.Tensor
     r_rel: torch.Tensor
+    risk: torch.Tensor | None = None
     r_loc: torch.Tensor | None = None
     r_gen: torch.Tensor | None = None
     penalty: torch.Tensor | None = None
@@ -223,9 +224,12 @@ class ODEditObjective:
             if lam is None:
                 raise ValueError("ODEditObjective: irm_penalty is on but no lambda was given")
             terms.lam = lam
+            terms.risk = total
             total = total + lam * terms.penalty
         terms.omega_grads = omega
         terms.total = total
+        if terms.risk is None:
+            terms.risk = total
         return terms
 
 
