@@ -148,3 +148,17 @@ def test_bad_placement_options_are_named(cli_inputs, tmp_path, capsys):
     assert "only applies with --device-map" in capsys.readouterr().err
     assert main([*argv, "--device-map", "auto", "--max-memory", "cpu"]) == 2
     assert "DEVICE=SIZE" in capsys.readouterr().err
+
+
+def test_odedit_counts_its_lambda_network(backbone, requests_):
+    from odedit_hf.methods.odedit.lambda_net import lambda_network_num_parameters
+
+    plain = estimate_edit_memory(build_method("ftl", {}), backbone, requests_)
+    for mode in ("sketch", "params"):
+        est = estimate_edit_memory(
+            build_method("odedit+ftl", {"odedit": {"lambda_mode": mode}}), backbone, requests_
+        )
+        n = lambda_network_num_parameters(mode, est.num_edit_parameters, 64, 128)
+        assert est.method_state == 8 * n > 0 and plain.method_state == 0  # fp32 weights + their gradients
+    off = build_method("odedit+ftl", {"odedit": {"irm_penalty": False}})
+    assert estimate_edit_memory(off, backbone, requests_).method_state == 0

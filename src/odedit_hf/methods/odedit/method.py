@@ -200,6 +200,18 @@ class ODEditMethod(Wrapper):
     def options(self) -> dict[str, Any]:
         return {"editor": self.editor, **self.objective}
 
+    def wrapper_memory_bytes(self, num_edit_parameters: int) -> int:
+        """The λ-network's parameters and gradients (fp32; its dual optimiser is plain SGD, no state)."""
+        from .lambda_net import lambda_network_num_parameters
+
+        options = self.resolved_config()["options"]  # every ODEdit option, defaults included
+        if not options.get("irm_penalty", True):
+            return 0
+        n = lambda_network_num_parameters(
+            options["lambda_mode"], num_edit_parameters, options["lambda_hidden_size"], options["sketch_dim"]
+        )
+        return 2 * 4 * n
+
     def resolved_config(self) -> dict[str, Any]:
         """The wrapper's resolved config (every ODEdit option, defaults included) and ``config_version``."""
         out = super().resolved_config()
