@@ -67,6 +67,10 @@ def test_edit_runs_end_to_end_and_writes_results(tiny_model_dir, data_file, tmp_
     assert report["method"] == "lora" and report["protocol"] == "single" and report["seed"] == 7
     assert report["n_edits"] == 2 and len(report["edits"]) == 2
     assert all(row["steps"] == 5 for row in report["edits"])  # --stop-loss none: every step runs
+    # each row names the fact it scores
+    assert [row["fact"]["target_new"] for row in report["edits"]] == ["Tokyo", "London"]
+    assert report["edits"][0]["fact"]["prompt"] == "what is the capital of France?"
+    assert report["edits"][0]["fact"]["image"] == "img0.png" and report["edits"][0]["fact"]["target_old"]
     assert report["config"]["method"]["options"]["steps"] == 5
     assert report["config"]["method"]["options"]["rank"] == 8  # resolved: the defaults are recorded too
     assert report["rollback"]["checks"] == 3

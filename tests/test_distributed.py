@@ -101,7 +101,7 @@ def test_a_subset_of_the_requests_reproduces_its_rows(inputs, one_process, tmp_p
     run = run_protocol("single", method, backbone, requests, seed=0)
     rows = [
         {k: v for k, v in e.items() if k not in ("wall_time_s", "peak_memory_mb")}
-        for e in build_report(run)["edits"]
+        for e in build_report(run, requests=requests)["edits"]
     ]
     _, all_rows = one_process
     assert rows == all_rows[3:]

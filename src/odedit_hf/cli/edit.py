@@ -600,7 +600,7 @@ def run_edits(
             )
     finally:
         bar.close()
-    report = build_report(run, config=config, device=str(model_device(backbone.model)))
+    report = build_report(run, config=config, device=str(model_device(backbone.model)), requests=requests)
     if state is not None:
         report["rollback"]["processes"] = run.processes
         report["config"]["num_processes"] = state.num_processes

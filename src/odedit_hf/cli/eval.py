@@ -181,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
                 "n_requested": args.n,
                 **notes,
             }
-            report = build_report(run_, config=config, device=str(model_device(backbone.model)))
+            report = build_report(
+                run_, config=config, device=str(model_device(backbone.model)), requests=requests
+            )
     except (CLIError, ValueError, FileNotFoundError) as exc:
         print(f"odedit-hf eval: error: {exc}", file=sys.stderr)
         return 2

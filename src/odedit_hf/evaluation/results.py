@@ -10,7 +10,7 @@ import os
 import platform
 import statistics
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from odedit_hf.editing.saving import default_mode
@@ -115,11 +115,34 @@ def _environment(device: str | None) -> dict[str, Any]:
     }
 
 
+def edited_fact(request: Any) -> dict[str, Any]:
+    """What a per-edit row says about the edit it scores: the prompt, the old and the new answer, the image's
+    file name (``None`` for a text-only record) and the subject where the record names one."""
+    image = getattr(request, "image", None)
+    fact = {
+        "prompt": request.src,
+        "target_new": request.alt,
+        "target_old": request.pred,
+        "image": os.path.basename(str(image)) if image is not None else None,
+    }
+    subject = getattr(request, "subject", None)
+    if subject:
+        fact["subject"] = subject
+    return fact
+
+
+def _with_fact(row: dict[str, Any], fact: dict[str, Any] | None) -> dict[str, Any]:
+    if fact is None:
+        return row
+    return {"case_id": row.get("case_id"), "fact": fact, **{k: v for k, v in row.items() if k != "case_id"}}
+
+
 def build_report(
     run: ProtocolRun,
     *,
     config: Mapping[str, Any] | None = None,
     device: str | None = None,
+    requests: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON-ready results document of a run.
 
@@ -130,9 +153,11 @@ def build_report(
     over; ``{}`` for plain MMEdit data), ``timing`` (per-edit wall
     time median / mean / p90 / max, steps, peak memory, whole-run time), ``rollback`` (hash and
     number of checks, all passed — a failed check raises before any report exists), ``config`` (the
-    method's hyperparameters and the run's inputs), ``environment`` and ``edits`` (one row per edit).
+    method's hyperparameters and the run's inputs), ``environment`` and ``edits`` (one row per edit;
+    with ``requests``, each row names its edited fact: prompt, new and old answer, image file, subject).
     """
     results = run.results
+    facts = {int(r.case_id): edited_fact(r) for r in (requests or ())}
     times = [r.wall_time_s for r in results]
     steps = [r.steps for r in results]
     final = aggregate(results, "final") if run.protocol == "sequential" else None
@@ -168,7 +193,7 @@ def build_report(
         },
         "config": dict(config or {}),
         "environment": _environment(device),
-        "edits": [r.to_dict() for r in results],
+        "edits": [_with_fact(r.to_dict(), facts.get(r.case_id)) for r in results],
     }
 
 
