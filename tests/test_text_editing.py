@@ -250,3 +250,33 @@ def test_cli_strict_fields(llama_dir, zsre_file, tmp_path, capsys):
     assert rc == 2 and "record 1" in err and "'textual_rephrase'" in err
     rc, _, err = _edit([*argv, "--ftl.steps", "2"], capsys)
     assert rc == 0, err
+
+
+@pytest.fixture(scope="module")
+def chat_llama_dir(tmp_path_factory):
+    llama = tiny_backbone("llama", seed=0, texts=TEXTS, chat_template=True)
+    folder = tmp_path_factory.mktemp("chat-llama")
+    llama.model.save_pretrained(folder)
+    llama.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_prompt_format_raw_skips_the_chat_template(chat_llama_dir, llama_dir, zsre_file, tmp_path, capsys):
+    from odedit_hf.backbones import PromptSample
+    from odedit_hf.cli.edit import CLIError, load_backbone
+
+    chat = load_backbone(chat_llama_dir, device="cpu", progress=False)
+    raw = load_backbone(chat_llama_dir, device="cpu", progress=False, prompt_format="raw")
+    sample = PromptSample("what color is the sky", "blue")
+    assert chat.uses_chat_template and not raw.uses_chat_template
+    assert raw.wrap_prompt(sample) != chat.wrap_prompt(sample)
+    assert chat.uses_chat_template  # the raw copy left the folder's tokenizer (and the other backbone) alone
+    with pytest.raises(CLIError, match="has no chat template; use raw"):
+        load_backbone(llama_dir, device="cpu", progress=False, prompt_format="chat")
+    out = tmp_path / "r.json"
+    argv = ["--model", chat_llama_dir, "--data", str(zsre_file), "--method", "ftl", "--ftl.steps", "2"]
+    rc, _, err = _edit([*argv, "--prompt-format", "raw", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert json.loads(out.read_text())["config"]["prompt_format"] == "raw"
+    rc, _, err = _edit([*argv, "--out", str(out)], capsys)
+    assert rc == 0 and json.loads(out.read_text())["config"]["prompt_format"] == "chat"

@@ -167,6 +167,13 @@ def add_edit_arguments(
         "--dtype", default="auto", choices=_DTYPES, help="model dtype (default: the checkpoint's)"
     )
     run.add_argument(
+        "--prompt-format",
+        default="auto",
+        choices=("auto", "raw", "chat"),
+        help="text-only models: 'raw' sends the prompt as plain text, 'chat' through the tokenizer's chat "
+        "template (default auto: the template when the model has one; the SmolLM2 fact set was filtered on raw)",
+    )
+    run.add_argument(
         "--device-map",
         metavar="MAP",
         help="place the model across devices as transformers does: auto, balanced, balanced_low_0, sequential, "
@@ -318,6 +325,7 @@ def load_backbone(
     progress: bool = True,
     device_map: Any = None,
     max_memory: dict[Any, str] | None = None,
+    prompt_format: str = "auto",
 ) -> Any:
     """Load a model and its processor (safetensors only) and wrap them in a :class:`~odedit_hf.backbones.Backbone`.
 
@@ -392,6 +400,20 @@ def load_backbone(
     if device is not None and device_map is None:
         loaded = loaded.to(device)
     loaded.eval()
+    if prompt_format != "auto":
+        if spec.multimodal:
+            raise CLIError(
+                f"--prompt-format {prompt_format} applies to text-only models; {model!r} is multimodal and its "
+                "processor decides how images and prompts are wrapped (leave --prompt-format auto)"
+            )
+        has_template = bool(getattr(processor, "chat_template", None))
+        if prompt_format == "chat" and not has_template:
+            raise CLIError(f"--prompt-format chat: the tokenizer of {model!r} has no chat template; use raw")
+        if prompt_format == "raw" and has_template:
+            import copy
+
+            processor = copy.copy(processor)  # the model folder's tokenizer is left as it is
+            processor.chat_template = None
     return Backbone(loaded, processor)
 
 
@@ -706,6 +728,7 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 device_map=device_map,
                 max_memory=max_memory,
+                prompt_format=args.prompt_format,
             )
             load_s = time.perf_counter() - start
             memory = memory_check(args, method, backbone, requests)
@@ -719,6 +742,7 @@ def run(args: argparse.Namespace) -> int:
                 "model_load_s": load_s,
                 "device_map": placement(backbone.model) if args.device_map else None,
                 "memory_estimate": memory,
+                "prompt_format": "chat" if backbone.uses_chat_template else "raw",
                 **notes,
             }
             report = run_edits(args, method, backbone, requests, config=config)
