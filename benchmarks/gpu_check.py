@@ -678,7 +678,7 @@ def _cost_md(part: dict[str, Any]) -> list[str]:
     if cfg:
         lines.append(
             f"{cfg.get('n_requests')} synthetic requests x {part.get('rounds_done')} of {cfg.get('rounds')} rounds, "
-            f"{cfg.get('steps')} steps per edit (stop_loss off), methods interleaved round-robin, "
+            f"{cfg.get('steps')} steps per edit (stop_loss off; ODEdit penalty from step 0, so every method runs the same steps), methods interleaved round-robin, "
             "adapter restored before each edit; times from synchronised wall clock"
         )
     lines += [

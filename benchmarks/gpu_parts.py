@@ -618,6 +618,9 @@ def _method(spec: dict[str, Any], steps: int) -> Any:
 
     kwargs = {"steps": steps, "stop_loss": None, **spec.get("kwargs", {})}
     if spec["name"].startswith("odedit+"):
+        # the per-step cost at equal steps: ODEdit's default warm-up schedule (config version 2) adds up to
+        # penalty_steps primal-dual steps after the editor's budget, so the ratio is taken penalty-from-start
+        kwargs.setdefault("schedule", "from_start")
         return get_method("odedit", editor=spec["name"].split("+", 1)[1], **kwargs)
     return get_method(spec["name"], **kwargs)
 

@@ -163,7 +163,10 @@ def test_the_per_edit_loop_moves_lambda_by_dual_ascent(requests, monkeypatch) ->
 
     monkeypatch.setattr(method_module, "build_lambda_network", spy)
     backbone = _backbone()
-    method = ODEditMethod(_ftl(steps=4), objective={"lambda_init": 0.5, "lambda_lr": 1.0})
+    # version-1 dual (Softplus, no slack, penalty from step 0): λ can only rise while P > 0; the version-2
+    # default (log-λ with slack 0.5) lets it fall when P < 0.5 -- tested in tests/test_odedit_schedule.py
+    v1 = {"schedule": "from_start", "lambda_param": "softplus", "dual_slack": 0.0}
+    method = ODEditMethod(_ftl(steps=4), objective={"lambda_init": 0.5, "lambda_lr": 1.0, **v1})
     peft_model = _wrap(method, backbone)
     method.edit(peft_model, backbone, requests[:1])
     assert len(built) == 1
