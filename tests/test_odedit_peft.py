@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import re
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
 import odedit_hf  # noqa: F401  (registers ODEDIT with peft)
 from odedit_hf.methods.odedit import ODEditConfig
+
+from ._fake_hub import FakeHub as _FakeHub
 
 TEXTS = ["what color is the cube", "blue", "red"]
 
@@ -193,91 +191,6 @@ def test_two_adapters_must_wrap_the_same_editor() -> None:
 
 
 # ------------------------------------------------------------------------------------ push to hub
-class _FakeHub:
-    """A tiny Hub stand-in for the endpoints huggingface_hub 2.4 calls on ``push_to_hub``:
-    create_repo, the model-card lookup, validate-yaml, preupload and commit. It serves on 127.0.0.1,
-    keeps the committed files in memory, and shuts itself down after ``lifetime_s``."""
-
-    def __init__(self, lifetime_s: float = 120.0) -> None:
-        self.files: dict[tuple[str, str], bytes] = {}
-        self.calls: list[tuple[str, str]] = []
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # noqa: ANN002
-                pass
-
-            def _send(self, code: int, body, headers=None) -> None:  # noqa: ANN001
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            def do_HEAD(self) -> None:  # noqa: N802
-                self.do_GET()
-
-            def do_GET(self) -> None:  # noqa: N802
-                hub.calls.append((self.command, self.path))
-                self._send(404, {"error": "not found"}, {"X-Error-Code": "EntryNotFound"})
-
-            def do_POST(self) -> None:  # noqa: N802
-                hub.calls.append((self.command, self.path))
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.path == "/api/repos/create":
-                    data = json.loads(body)
-                    repo = f"{data.get('organization') or 'user'}/{data['name']}"
-                    return self._send(200, {"url": f"{hub.url}/{repo}", "name": repo, "id": repo})
-                if self.path == "/api/validate-yaml":
-                    return self._send(200, {"warnings": [], "errors": []})
-                m = re.match(r"^/api/models/(.+)/preupload/[^/?]+", self.path)
-                if m:
-                    files = json.loads(body)["files"]
-                    return self._send(
-                        200,
-                        {
-                            "files": [
-                                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                for f in files
-                            ]
-                        },
-                    )
-                m = re.match(r"^/api/models/(.+)/commit/[^/?]+", self.path)
-                if m:
-                    for line in body.decode().splitlines():
-                        item = json.loads(line) if line.strip() else {}
-                        if item.get("key") == "file":
-                            value = item["value"]
-                            hub.files[(m.group(1), value["path"])] = base64.b64decode(value["content"])
-                    oid = "0" * 40
-                    return self._send(
-                        200, {"commitUrl": f"{hub.url}/{m.group(1)}/commit/{oid}", "commitOid": oid}
-                    )
-                self._send(404, {"error": f"fake hub: unknown endpoint {self.path}"})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
-        )
-        self._timer = threading.Timer(lifetime_s, self.server.shutdown)
-        self._timer.daemon = True
-
-    def __enter__(self) -> _FakeHub:
-        self._thread.start()
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
-        self._timer.cancel()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 _PUSH_SCRIPT = r"""
 import sys, torch, odedit_hf
 from peft import get_peft_model
@@ -303,14 +216,7 @@ def test_push_to_hub_against_a_local_fake_hub(tmp_path) -> None:  # noqa: ANN001
 
     local = tmp_path / "local"
     with _FakeHub() as hub:
-        env = dict(
-            os.environ,
-            HF_ENDPOINT=hub.url,
-            HF_HUB_OFFLINE="0",
-            HF_HOME=str(tmp_path / "hf_home"),
-            HF_HUB_DISABLE_TELEMETRY="1",
-            OMP_NUM_THREADS="1",
-        )
+        env = hub.env(tmp_path)
         out = subprocess.run(
             [sys.executable, "-c", _PUSH_SCRIPT, str(local)],
             capture_output=True,

@@ -147,8 +147,9 @@ def _activation_bytes(backbone: Any, requests: list[Any], dtype_bytes: int) -> t
     """(bytes, tokens) of one step's activations on the prompts of ``requests``."""
     from odedit_hf.editing.environments import GROUPS, build_edit_batch
 
-    groups = [g for g in GROUPS if g == "edit" or _has(requests, g)]
-    batch = build_edit_batch(backbone, requests, groups, num_rephrases=1, device="cpu")
+    # every group, as a wrapper method's step runs them (build_edit_batch fills text-only records' image
+    # groups with their text prompts, as the step does)
+    batch = build_edit_batch(backbone, requests, GROUPS, num_rephrases=1, device="cpu")
     config = backbone.model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(getattr(text, "hidden_size", 0) or 0)
@@ -163,13 +164,6 @@ def _activation_bytes(backbone: Any, requests: list[Any], dtype_bytes: int) -> t
         total += int(per_layer * layers * dtype_bytes / 2)
         total += rows * seq * vocab * 4 * 3  # fp32 logits, their softmax and their gradient
     return total, tokens
-
-
-def _has(requests: list[Any], group: str) -> bool:
-    field = {"rephrase": "rephrase", "image_rephrase": "image_rephrase", "loc": "loc", "m_loc": "m_loc"}[
-        group
-    ]
-    return all(getattr(r, field, None) not in (None, "") for r in requests)
 
 
 def estimate_edit_memory(

@@ -26,7 +26,7 @@ from .protocols import ProtocolRun, run_protocol
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistributedRun", "distributed_state", "run_protocol_distributed", "shard_bounds"]
+__all__ = ["distributed_state", "run_protocol_distributed", "shard_bounds"]
 
 
 def distributed_state() -> Any | None:
@@ -49,13 +49,6 @@ def shard_bounds(n_chunks: int, world: int, rank: int) -> tuple[int, int]:
     base, extra = divmod(n_chunks, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
-
-
-class DistributedRun(ProtocolRun):
-    """A :class:`ProtocolRun` gathered from several processes; ``processes`` lists each one's
-    ``{"rank", "n_edits", "base_weights_hash", "rollback_checks", "device", "wall_time_s"}``."""
-
-    processes: list[dict[str, Any]]
 
 
 def run_protocol_distributed(
@@ -128,7 +121,7 @@ def run_protocol_distributed(
         )
     results = [r for g in gathered for r in g[1]]
     stopped = [s for g in gathered for s in g[2]]
-    whole = DistributedRun(
+    return ProtocolRun(
         method=run.method,
         protocol=run.protocol,
         results=results,
@@ -138,6 +131,5 @@ def run_protocol_distributed(
         rollback_checks=sum(i["rollback_checks"] for i in infos),
         stopped_early=stopped,
         wall_time_s=max(i["wall_time_s"] for i in infos),
+        processes=infos,
     )
-    whole.processes = infos
-    return whole

@@ -102,6 +102,9 @@ class ProtocolRun:
         rollback_checks: how many times the base-weight hash was checked equal during the run.
         stopped_early: per request, whether its edit loop stopped on ``stop_loss``.
         wall_time_s: the whole run, scoring included.
+        processes: for a run sharded across processes (:mod:`odedit_hf.evaluation.distributed`), each
+            process's ``{"rank", "n_edits", "base_weights_hash", "rollback_checks", "device", "wall_time_s"}``;
+            empty for a one-process run.
     """
 
     method: str
@@ -113,6 +116,7 @@ class ProtocolRun:
     rollback_checks: int
     stopped_early: list[bool] = field(default_factory=list)
     wall_time_s: float = 0.0
+    processes: list[dict[str, Any]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------- scoring

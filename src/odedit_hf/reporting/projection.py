@@ -78,7 +78,7 @@ def hidden_state_projection(
     ``disable_adapter()``, which every odedit-hf adapter honours (its layers return the base output).
 
     Raises:
-        ValueError: no requests, or they share no prompt group.
+        ValueError: no requests.
     """
     import torch
 
@@ -86,9 +86,9 @@ def hidden_state_projection(
 
     if not requests:
         raise ValueError("hidden_state_projection: give at least one request")
-    groups = [g for g in PROJECTION_GROUPS if all(_has_group(r, g) for r in requests)]
-    if not groups:
-        raise ValueError("hidden_state_projection: the requests share no prompt group to project")
+    # text-only records have no image prompts (build_edit_batch would fill those groups with text ones)
+    image_groups = ("image_rephrase", "m_loc") if any(r.text_only for r in requests) else ()
+    groups = [g for g in PROJECTION_GROUPS if g not in image_groups]
     device = next(peft_model.parameters()).device
     batch = build_edit_batch(backbone, list(requests), groups, num_rephrases=1, device=device)
 
@@ -133,20 +133,6 @@ def hidden_state_projection(
     }
     explained = tuple(float(v) / total for v in var[:2].tolist()) + (0.0,) * max(0, 2 - len(var))
     return Projection(points=points, shift=shift, explained=explained[:2], method=method, groups=groups)
-
-
-def _has_group(request: Any, group: str) -> bool:
-    if group == "edit":
-        return True
-    if group == "rephrase":
-        return bool(getattr(request, "rephrase", None))
-    if group == "image_rephrase":
-        return getattr(request, "image_rephrase", None) is not None
-    if group == "loc":
-        return bool(getattr(request, "loc", None))
-    if group == "m_loc":
-        return getattr(request, "m_loc", None) is not None and bool(getattr(request, "m_loc_q", None))
-    return False
 
 
 _GROUP_COLOURS = {

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import FTLConfig
@@ -59,25 +59,20 @@ class FTLModel(BaseTuner):
         parameter_name: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if kwargs:
-            raise ValueError(f"FTLModel._create_and_replace: unknown keyword arguments {sorted(kwargs)}")
-        if parameter_name is not None:
-            raise ValueError(
-                f"FT-L targets modules, not parameters; got parameter {parameter_name!r} of {current_key!r}"
-            )
-        if not isinstance(peft_config, FTLConfig):
-            raise ValueError(f"FTLModel needs an FTLConfig, got {type(peft_config).__name__}")
-        if isinstance(target, FTLLayer):
-            target.update_layer(adapter_name, peft_config)
-            return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear):
-            raise ValueError(
-                f"FT-L target {current_key!r} is a {type(base).__name__}, not torch.nn.Linear; "
-                "target FFN projections (see the backbone registry's ffn_projections)."
-            )
-        new_module = Linear(target, adapter_name, peft_config)
-        if adapter_name not in self.active_adapters:
-            # a further adapter is not trainable until set_adapter makes it active
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        from odedit_hf.editing.tuner import replace_linear_target
+
+        replace_linear_target(
+            self,
+            editor="FT-L",
+            config_cls=FTLConfig,
+            layer_cls=FTLLayer,
+            new_layer=lambda t: Linear(t, adapter_name, peft_config),
+            peft_config=peft_config,
+            adapter_name=adapter_name,
+            target=target,
+            target_name=target_name,
+            parent=parent,
+            current_key=current_key,
+            parameter_name=parameter_name,
+            kwargs=kwargs,
+        )

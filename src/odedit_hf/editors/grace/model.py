@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import GRACEConfig
@@ -43,27 +43,23 @@ class GRACEModel(BaseTuner):
         parameter_name: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if kwargs:
-            raise ValueError(f"GRACEModel._create_and_replace: unknown keyword arguments {sorted(kwargs)}")
-        if parameter_name is not None:
-            raise ValueError(
-                f"GRACE targets modules, not parameters; got parameter {parameter_name!r} of {current_key!r}"
-            )
-        if not isinstance(peft_config, GRACEConfig):
-            raise ValueError(f"GRACEModel needs a GRACEConfig, got {type(peft_config).__name__}")
-        if isinstance(target, GRACELayer):
-            target.update_layer(adapter_name, peft_config)
-            return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear):
-            raise ValueError(
-                f"GRACE target {current_key!r} is a {type(base).__name__}, not torch.nn.Linear; "
-                "target an FFN projection (see the backbone registry's ffn_projections)."
-            )
-        new_module = Linear(target, adapter_name, peft_config)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)  # a further adapter is not trainable until set_adapter
-        self._replace_module(parent, target_name, new_module, target)
+        from odedit_hf.editing.tuner import replace_linear_target
+
+        replace_linear_target(
+            self,
+            editor="GRACE",
+            config_cls=GRACEConfig,
+            layer_cls=GRACELayer,
+            new_layer=lambda t: Linear(t, adapter_name, peft_config),
+            peft_config=peft_config,
+            adapter_name=adapter_name,
+            target=target,
+            target_name=target_name,
+            parent=parent,
+            current_key=current_key,
+            parameter_name=parameter_name,
+            kwargs=kwargs,
+        )
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(_NOT_MERGEABLE)

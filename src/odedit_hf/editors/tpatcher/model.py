@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import TPatcherConfig
@@ -39,34 +39,35 @@ class TPatcherModel(BaseTuner):
         parameter_name: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if kwargs:
-            raise ValueError(f"TPatcherModel._create_and_replace: unknown keyword arguments {sorted(kwargs)}")
-        if parameter_name is not None:
-            raise ValueError(
-                f"T-Patcher targets modules, not parameters; got parameter {parameter_name!r} of {current_key!r}"
-            )
+        from odedit_hf.editing.tuner import replace_linear_target
+
         if not isinstance(peft_config, TPatcherConfig):
             raise ValueError(f"TPatcherModel needs a TPatcherConfig, got {type(peft_config).__name__}")
         role = peft_config.role_of(current_key)
-        if isinstance(target, TPatcherLayer):
-            if target.role != role:
+
+        def same_role(layer: nn.Module) -> None:
+            if layer.role != role:
                 raise ValueError(
-                    f"T-Patcher: {current_key!r} is the {target.role} projection of another adapter, "
+                    f"T-Patcher: {current_key!r} is the {layer.role} projection of another adapter, "
                     f"not the {role} projection; all T-Patcher adapters of a model must patch the same FFN roles"
                 )
-            target.update_layer(adapter_name, peft_config)
-            return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear):
-            raise ValueError(
-                f"T-Patcher target {current_key!r} is a {type(base).__name__}, not torch.nn.Linear; "
-                "target FFN projections (see the backbone registry's ffn_projections)."
-            )
-        new_module = Linear(target, adapter_name, peft_config, role)
-        if adapter_name not in self.active_adapters:
-            # a further adapter is not trainable until set_adapter makes it active
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+
+        replace_linear_target(
+            self,
+            editor="T-Patcher",
+            config_cls=TPatcherConfig,
+            layer_cls=TPatcherLayer,
+            new_layer=lambda t: Linear(t, adapter_name, peft_config, role),
+            peft_config=peft_config,
+            adapter_name=adapter_name,
+            target=target,
+            target_name=target_name,
+            parent=parent,
+            current_key=current_key,
+            parameter_name=parameter_name,
+            kwargs=kwargs,
+            check_existing=same_role,
+        )
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(

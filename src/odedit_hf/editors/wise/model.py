@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import WISEConfig
@@ -86,28 +86,23 @@ class WISEModel(BaseTuner):
         parameter_name: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if kwargs:
-            raise ValueError(f"WISEModel._create_and_replace: unknown keyword arguments {sorted(kwargs)}")
-        if parameter_name is not None:
-            raise ValueError(
-                f"WISE targets modules, not parameters; got parameter {parameter_name!r} of {current_key!r}"
-            )
-        if not isinstance(peft_config, WISEConfig):
-            raise ValueError(f"WISEModel needs a WISEConfig, got {type(peft_config).__name__}")
-        if isinstance(target, WISELayer):
-            target.update_layer(adapter_name, peft_config)
-        else:
-            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-            if not isinstance(base, nn.Linear):
-                raise ValueError(
-                    f"WISE target {current_key!r} is a {type(base).__name__}, not torch.nn.Linear; "
-                    "target an FFN projection (see the backbone registry's ffn_projections)."
-                )
-            new_module = Linear(target, adapter_name, peft_config)
-            if adapter_name not in self.active_adapters:
-                new_module.requires_grad_(False)  # a further adapter is not trainable until set_adapter
-            self._replace_module(parent, target_name, new_module, target)
-            target = new_module
+        from odedit_hf.editing.tuner import replace_linear_target
+
+        target = replace_linear_target(
+            self,
+            editor="WISE",
+            config_cls=WISEConfig,
+            layer_cls=WISELayer,
+            new_layer=lambda t: Linear(t, adapter_name, peft_config),
+            peft_config=peft_config,
+            adapter_name=adapter_name,
+            target=target,
+            target_name=target_name,
+            parent=parent,
+            current_key=current_key,
+            parameter_name=parameter_name,
+            kwargs=kwargs,
+        )
         mask_module = peft_config.mask_module
         if mask_module is None:
             found = _STACK.match(current_key)
