@@ -280,3 +280,32 @@ def test_prompt_format_raw_skips_the_chat_template(chat_llama_dir, llama_dir, zs
     assert json.loads(out.read_text())["config"]["prompt_format"] == "raw"
     rc, _, err = _edit([*argv, "--out", str(out)], capsys)
     assert rc == 0 and json.loads(out.read_text())["config"]["prompt_format"] == "chat"
+
+
+def test_text_batches_have_no_image_groups_and_odedit_uses_the_text_ones(llama, requests):
+    """A text-only request adds no ``image_rephrase`` / ``m_loc`` rows (they would only repeat its text
+    prompts); ODEdit's terms on it are those of its text groups alone."""
+    import dataclasses
+
+    from odedit_hf.editing.environments import GROUPS, build_edit_batch
+    from odedit_hf.methods.odedit import ODEditMethod
+    from odedit_hf.methods.odedit.objective import ODEditObjective
+    from odedit_hf.methods.odedit.risks import needed_groups
+
+    batch = build_edit_batch(llama, requests, GROUPS, num_rephrases=2)
+    assert set(batch.slices) == {"edit", "rephrase", "loc"} == set(batch.owners)
+    rows = sum(b["input_ids"].shape[0] for b in batch.batches)
+    assert rows == 3 * len(requests)  # one edit, one rephrase (the record has one), one locality row each
+
+    method = ODEditMethod(get_method("ftl", steps=1), objective={"lambda_mode": "sketch"})
+    config = method.peft_config(llama)
+    text_config = dataclasses.replace(config, rephrase_kinds=("rephrase",))
+    got = []
+    for cfg in (config, text_config):
+        edit_batch = build_edit_batch(llama, requests, needed_groups(cfg), num_rephrases=1)
+        objective = ODEditObjective(cfg, llama)
+        with torch.no_grad():
+            terms = objective(llama.forward, edit_batch, torch.tensor(0.1), pre_edit=True)
+        got.append([float(t) for t in (terms.total, terms.r_rel, terms.r_loc, terms.r_gen, terms.penalty)])
+    assert got[0] == got[1]
+    assert all(torch.isfinite(torch.tensor(got[0])))

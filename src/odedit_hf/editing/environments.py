@@ -9,9 +9,11 @@ groups of :data:`GROUPS`, built by :func:`build_edit_batch` from the very sample
 - ``rephrase``: image + ``rephrase`` -> ``alt``; ``image_rephrase``: ``image_rephrase`` + ``src`` -> ``alt``;
 - ``loc``: ``loc`` -> ``loc_ans`` (text only); ``m_loc``: ``m_loc`` + ``m_loc_q`` -> ``m_loc_a``.
 
-A text-only request (ZsRE / CounterFact) has no image: its ``image_rephrase`` rows repeat its text
-rephrases and its ``m_loc`` row repeats its text-locality sample, so every group exists for every request
-and a mean over a group's rows (each risk is one) is the same as over the text rows alone.
+A text-only request (ZsRE / CounterFact) has no image: it contributes no ``image_rephrase`` and no
+``m_loc`` rows, and a group that no request of the batch fills is left out of the batch (``slices`` and
+``owners`` then lack it). Consumers iterate over the groups present (``EditBatch.slices``; a group's
+``owners`` name the requests that have rows in it). For an all-text batch the risks' means are those of
+the text groups alone, computed on about half the rows the image groups would repeat.
 
 All groups go into one forward when the family can mix image and text-only rows (else two), and
 :func:`run_groups` splits the outputs back by group, gathering the answer positions once per forward.
@@ -147,14 +149,7 @@ def build_edit_batch(
                     PromptSample(prompt=text, target=request.alt, image=image, task=request.task)
                 )
                 owners["rephrase"].append(i)
-        if "image_rephrase" in samples and request.text_only:
-            # no image to rephrase with: the group repeats the text rephrases (see the module docstring)
-            for text in _rephrase_texts(request, num_rephrases):
-                samples["image_rephrase"].append(
-                    PromptSample(prompt=text, target=request.alt, image=None, task=request.task)
-                )
-                owners["image_rephrase"].append(i)
-        elif "image_rephrase" in samples:
+        if "image_rephrase" in samples and not request.text_only:  # no image to rephrase with: no rows
             images = _rephrase_images(request, num_rephrases)
             short += num_rephrases - len(images)
             for image in images:
@@ -165,14 +160,17 @@ def build_edit_batch(
         if "loc" in samples:
             samples["loc"].append(base["t_locality"])
             owners["loc"].append(i)
-            samples["m_loc"].append(base["t_locality"] if request.text_only else base["m_locality"])
-            owners["m_loc"].append(i)
+            if not request.text_only:
+                samples["m_loc"].append(base["m_locality"])
+                owners["m_loc"].append(i)
     if short:
         logger.info(
             "num_rephrases=%d but the requests carry fewer rephrases; %d missing, using those present",
             num_rephrases,
             short,
         )
+    groups = tuple(g for g in groups if samples[g])  # an all-text batch has no image groups
+    owners = {g: owners[g] for g in groups}
     # one forward for everything when the family can mix image and text-only samples
     if backbone.spec.mixed_batches:
         parts = [list(groups)]

@@ -147,8 +147,8 @@ def _activation_bytes(backbone: Any, requests: list[Any], dtype_bytes: int) -> t
     """(bytes, tokens) of one step's activations on the prompts of ``requests``."""
     from odedit_hf.editing.environments import GROUPS, build_edit_batch
 
-    # every group, as a wrapper method's step runs them (build_edit_batch fills text-only records' image
-    # groups with their text prompts, as the step does)
+    # every group, as a wrapper method's step runs them (text-only records have no rows in the image
+    # groups, as in the step)
     batch = build_edit_batch(backbone, requests, GROUPS, num_rephrases=1, device="cpu")
     config = backbone.model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -86,7 +86,7 @@ def hidden_state_projection(
 
     if not requests:
         raise ValueError("hidden_state_projection: give at least one request")
-    # text-only records have no image prompts (build_edit_batch would fill those groups with text ones)
+    # text-only records have no image prompts (build_edit_batch gives them no rows in those groups)
     image_groups = ("image_rephrase", "m_loc") if any(r.text_only for r in requests) else ()
     groups = [g for g in PROJECTION_GROUPS if g not in image_groups]
     device = next(peft_model.parameters()).device

@@ -90,9 +90,12 @@ class ODEditObjective:
 
     def _missing(self, edit_batch: EditBatch) -> bool:
         cfg = self.config
-        for cid in edit_batch.case_ids:
-            if any((g, cid) not in self.pre.loc_rows for g in self._loc_groups()):
+        for g in self._loc_groups():
+            if any(
+                (g, edit_batch.case_ids[o]) not in self.pre.loc_rows for o in edit_batch.owners.get(g, ())
+            ):
                 return True
+        for cid in edit_batch.case_ids:
             if cfg.gen_risk and cfg.mmd_bandwidths is None and cid not in self.pre.bandwidths:
                 return True
         return False
@@ -115,6 +118,8 @@ class ODEditObjective:
         """Store the pre-edit state of ``edit_batch`` from outputs of the pre-edit model."""
         cfg = self.config
         for g in self._loc_groups():
+            if g not in outputs:
+                continue  # no request of the batch has this group (text-only requests have no m_loc)
             group = outputs[g]
             if cfg.loc_positions == "answer":
                 per_row = group.answer_logits_per_row()
@@ -182,7 +187,7 @@ class ODEditObjective:
 
         if self._loc_groups():
             pre_rows, post_rows = [], []
-            for g in self._loc_groups():
+            for g in (g for g in self._loc_groups() if g in outputs):
                 group = outputs[g]
                 pre_rows += [self.pre.loc_rows[(g, edit_batch.case_ids[o])] for o in edit_batch.owners[g]]
                 if cfg.loc_positions == "answer":
@@ -208,11 +213,12 @@ class ODEditObjective:
         if cfg.gen_risk:
             bandwidths = {i: self.pre.bandwidths.get(cid) for i, cid in enumerate(edit_batch.case_ids)}
             pairs, _ = gen_pairs(outputs, edit_batch, cfg, bandwidths)
-            terms.r_gen = generality_risk(pairs, backend=backend)
-            total = total + cfg.beta * terms.r_gen
+            if pairs:  # none when only image rephrases are asked for and the batch is text-only
+                terms.r_gen = generality_risk(pairs, backend=backend)
+                total = total + cfg.beta * terms.r_gen
 
         if cfg.irm_penalty:
-            neighbour = [outputs[k] for k in cfg.rephrase_kinds]
+            neighbour = [outputs[k] for k in cfg.rephrase_kinds if k in outputs]
             if neighbour:
                 # one environment: the mean ω-derivative over every target token of every rephrase kind
                 rows = torch.cat([n.answer_logits for n in neighbour])

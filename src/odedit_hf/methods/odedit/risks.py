@@ -259,7 +259,7 @@ def gen_pairs(
     xs = edit.answer_hidden_per_row(config.gen_positions)
     per_request: dict[int, list[torch.Tensor]] = {i: [x] for i, x in enumerate(xs)}
     ys: dict[tuple[int, str], list[torch.Tensor]] = {}
-    for kind in config.rephrase_kinds:
+    for kind in (k for k in config.rephrase_kinds if k in outputs):  # text-only batches: no image rephrases
         group = outputs[kind]
         for owner, y in zip(edit_batch.owners[kind], group.answer_hidden_per_row(config.gen_positions)):
             ys.setdefault((owner, kind), []).append(y)
