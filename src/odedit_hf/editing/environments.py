@@ -7,7 +7,10 @@ groups of :data:`GROUPS`, built by :func:`build_edit_batch` from the very sample
 
 - ``edit``: the edit image + ``src`` -> ``alt``;
 - ``rephrase``: image + ``rephrase`` -> ``alt``; ``image_rephrase``: ``image_rephrase`` + ``src`` -> ``alt``;
-- ``loc``: ``loc`` -> ``loc_ans`` (text only); ``m_loc``: ``m_loc`` + ``m_loc_q`` -> ``m_loc_a``.
+- ``loc``: ``loc`` -> ``loc_ans`` (text only); ``m_loc``: ``m_loc`` + ``m_loc_q`` -> ``m_loc_a``;
+- ``hard_loc`` / ``hard_m_loc`` (asked for explicitly): the request's hard-negative locality probes
+  (``hard_loc`` -> ``hard_loc_ans``; the look-alike's image + ``hard_m_loc_q`` -> ``hard_m_loc_a``), rows only
+  for the requests that carry them.
 
 A text-only request (ZsRE / CounterFact) has no image: it contributes no ``image_rephrase`` and no
 ``m_loc`` rows, and a group that no request of the batch fills is left out of the batch (``slices`` and
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CORE_GROUPS",
     "GROUPS",
     "IGNORE_INDEX",
     "EditBatch",
@@ -48,7 +52,9 @@ IGNORE_INDEX = -100
 
 #: Prompt groups of a step, in batch order. ``edit`` = reliability prompt; the two rephrase kinds;
 #: ``loc`` (text only) and ``m_loc``.
-GROUPS: tuple[str, ...] = ("edit", "rephrase", "image_rephrase", "loc", "m_loc")
+GROUPS: tuple[str, ...] = ("edit", "rephrase", "image_rephrase", "loc", "m_loc", "hard_loc", "hard_m_loc")
+#: the groups every MMEdit record fills (the hard-negative ones need the world's probes and are opt-in)
+CORE_GROUPS: tuple[str, ...] = GROUPS[:5]
 
 
 @dataclass
@@ -123,6 +129,7 @@ def build_edit_batch(
     """
     from odedit_hf.backbones import PromptSample
     from odedit_hf.editing import eval_samples
+    from odedit_hf.editing.samples import probe_samples
 
     if len(requests) == 0:
         raise ValueError("build_edit_batch: no requests given; an edit needs at least one EditRequest")
@@ -163,6 +170,12 @@ def build_edit_batch(
             if not request.text_only:
                 samples["m_loc"].append(base["m_locality"])
                 owners["m_loc"].append(i)
+        if "hard_loc" in samples or "hard_m_loc" in samples:
+            hard = probe_samples(request, only=("hard_t_locality", "hard_m_locality"))
+            for g, name in (("hard_loc", "hard_t_locality"), ("hard_m_loc", "hard_m_locality")):
+                if g in samples and name in hard:
+                    samples[g].extend(hard[name])
+                    owners[g].extend([i] * len(hard[name]))
     if short:
         logger.info(
             "num_rephrases=%d but the requests carry fewer rephrases; %d missing, using those present",

@@ -145,11 +145,11 @@ def _model_bytes(model: Any, device: Any) -> int:
 
 def _activation_bytes(backbone: Any, requests: list[Any], dtype_bytes: int) -> tuple[int, int]:
     """(bytes, tokens) of one step's activations on the prompts of ``requests``."""
-    from odedit_hf.editing.environments import GROUPS, build_edit_batch
+    from odedit_hf.editing.environments import CORE_GROUPS, build_edit_batch
 
     # every group, as a wrapper method's step runs them (text-only records have no rows in the image
     # groups, as in the step)
-    batch = build_edit_batch(backbone, requests, GROUPS, num_rephrases=1, device="cpu")
+    batch = build_edit_batch(backbone, requests, CORE_GROUPS, num_rephrases=1, device="cpu")
     config = backbone.model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(getattr(text, "hidden_size", 0) or 0)

@@ -75,6 +75,11 @@ class ODEditConfig(WrapperConfig):
             Rephrase prompts per kind. An MMEdit record holds one of each; more are used only when the
             request carries extra ones (attributes `rephrases` / `image_rephrases`). The paper finds one
             beats several.
+        hard_negatives (`bool`, defaults to False):
+            Put the request's hard-negative locality probes (`hard_loc`, `hard_m_loc`: a look-alike entity
+            asked the same relation; the embedded world's records carry them) into the out-of-distribution
+            environment beside `loc` / `m_loc`: they enter `R_loc` and the penalty's OOD term. Requests
+            without them contribute their plain locality prompts only. Our option (issue 18), not the paper's.
         gen_positions (`str`, defaults to `"answer"`):
             Which hidden states form the MMD samples: `"answer"` = the last-layer states at the positions
             that predict the target tokens (the last prompt token and every target token but the last), so
@@ -185,6 +190,9 @@ class ODEditConfig(WrapperConfig):
     irm_penalty: bool = field(default=True, metadata={"help": "Add the IRM-TV penalty."})
     rephrase_kinds: tuple[str, ...] = field(default=REPHRASE_KINDS, metadata={"help": "Rephrases used."})
     num_rephrases: int = field(default=1, metadata={"help": "Rephrase prompts per kind."})
+    hard_negatives: bool = field(
+        default=False, metadata={"help": "Hard-negative locality probes in the OOD environment."}
+    )
     gen_positions: str = field(default="answer", metadata={"help": "MMD sample positions."})
     gen_anchor_edit: bool = field(
         default=True, metadata={"help": "No gradient through the edit prompt in R_gen."}

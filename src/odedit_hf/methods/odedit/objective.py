@@ -86,7 +86,9 @@ class ODEditObjective:
         return ("edit", *self.config.rephrase_kinds) if self.config.gen_risk else ()
 
     def _loc_groups(self) -> tuple[str, ...]:
-        return ("loc", "m_loc") if (self.config.loc_risk or self.config.irm_penalty) else ()
+        if not (self.config.loc_risk or self.config.irm_penalty):
+            return ()
+        return ("loc", "m_loc", "hard_loc", "hard_m_loc") if self.config.hard_negatives else ("loc", "m_loc")
 
     def _missing(self, edit_batch: EditBatch) -> bool:
         cfg = self.config

@@ -6,6 +6,7 @@ environments come from the shared environment batches (:mod:`odedit_hf.editing.e
 - in-distribution: the ``edit`` group                                    (``R_rel``)
 - semantic neighbours: the ``rephrase`` and ``image_rephrase`` groups    (``R_gen``)
 - out-of-distribution: the ``loc`` and ``m_loc`` groups                  (``R_loc``)
+  (+ ``hard_loc`` / ``hard_m_loc`` with ``hard_negatives``)
 
 Every per-token quantity comes from :mod:`odedit_kernels` (``nll_with_omega``, ``kl_with_omega``,
 ``rbf_mmd``), which also returns the IRM ω-derivative of each row in the same pass.
@@ -232,6 +233,8 @@ def needed_groups(config: ODEditConfig) -> tuple[str, ...]:
         groups += list(config.rephrase_kinds)
     if config.loc_risk or config.irm_penalty:
         groups += ["loc", "m_loc"]
+        if config.hard_negatives:
+            groups += ["hard_loc", "hard_m_loc"]
     return tuple(g for g in GROUPS if g in groups)
 
 
