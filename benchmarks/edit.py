@@ -229,6 +229,41 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, str, str, str | None]
     return args.model, path, root, rephrase
 
 
+def _components(method: str) -> list[str]:
+    """Canonical names of a method's parts (``"odedit+ft"`` -> ``["odedit", "ftl"]``; a lone wrapper name
+    such as ``"odedit"`` is allowed here, as the name of a ``--method-arg`` namespace)."""
+    from odedit_hf.editing.registry import method_class
+
+    return [method_class(p.strip()).name for p in method.split("+")]
+
+
+def _method_options(method: str, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``get_method`` keyword arguments of one run: ``--method-arg RUN_METHOD.KEY=V`` (flat, split by the
+    method) and ``--method-arg PART.KEY=V`` for each part of a composite name (``odedit.alpha=0.2`` applies
+    to every ``odedit+*`` run, ``ftl.lr=...`` to ``ftl`` and ``odedit+ftl`` alike)."""
+    kwargs: dict[str, Any] = dict(overrides.get(method, {}))
+    parts = _components(method)
+    for key, values in overrides.items():
+        if key == method or "+" in key:
+            continue
+        part = _components(key)[0]
+        if part in parts:
+            kwargs.setdefault(part, {}).update(values)
+    return kwargs
+
+
+def _check_overrides(overrides: dict[str, dict[str, Any]], methods: list[str]) -> None:
+    """An override that no run would read is a typo: refuse it before anything loads."""
+    parts = {p for m in methods for p in _components(m)}
+    for key in overrides:
+        known = key in methods or ("+" not in key and _components(key)[0] in parts)
+        if not known:
+            raise SystemExit(
+                f"--method-arg {key}.*: no run uses the method {key!r} (runs: {', '.join(methods)}); "
+                "name a run's method or one part of it (e.g. odedit.alpha=0.2 for odedit+ftl runs)"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", help="embedded world preset (micro, tiny); built and cached on first use")
@@ -265,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides.setdefault(method, {})[name] = json.loads(raw)
         except json.JSONDecodeError:
             overrides.setdefault(method, {})[name] = raw
+    _check_overrides(overrides, [spec.method for spec in args.runs])
     model_dir, data_file, image_root, rephrase_root = resolve_inputs(args)
     most = max(spec.n for spec in args.runs)
     requests = list(load_mmedit(data_file, image_root, rephrase_root, limit=most))
@@ -276,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.runs:
         if spec.n > len(requests):
             print(f"{spec.label}: only {len(requests)} records available", file=sys.stderr)
-        method = get_method(spec.method, **overrides.get(spec.method, {}))
+        method = get_method(spec.method, **_method_options(spec.method, overrides))
         start = time.perf_counter()
         run = run_protocol(
             spec.protocol, method, backbone, requests[: spec.n], seed=args.seed, batch_size=spec.batch_size
