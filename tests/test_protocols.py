@@ -229,6 +229,31 @@ def test_device_fingerprint_detects_single_changes_and_swaps():
         assert _device_fingerprint(swapped) != ref  # position-weighted sum sees a permutation
 
 
+def _fingerprint_by_hand(t: torch.Tensor) -> bytes:
+    """The documented fingerprint in plain Python: the raw bits as integers, their sum and their sum
+    weighted by (i·2654435761 mod 4294967291)·2 + 1, both wrapped to int64."""
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    xs = t.contiguous().reshape(-1).view(width).tolist()
+    wrap = lambda v: (v + 2**63) % 2**64 - 2**63  # noqa: E731
+    total = wrap(sum(xs))
+    weighted = wrap(sum(x * ((i * 2654435761) % 4294967291 * 2 + 1) for i, x in enumerate(xs)))
+    return f"{total}:{weighted}".encode()
+
+
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_device_fingerprint_is_the_documented_checksum(chunk, monkeypatch):
+    """Pinned against a hand computation, in one chunk and across several (the chunked sums must add up:
+    a chunk that overwrote the running totals would fingerprint only the last chunk)."""
+    from odedit_hf.editing import rollback
+
+    if chunk is not None:
+        monkeypatch.setattr(rollback, "_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.uint8):
+        t = torch.randn(201, generator=gen).mul(50).to(dtype)
+        assert rollback._device_fingerprint(t) == _fingerprint_by_hand(t), dtype
+
+
 @pytest.mark.slow
 def test_ft_single_edits_hold_on_the_micro_world(micro_world):
     """On a model that really learned its facts: the edits take, and the pre-edit answers were the old facts."""
