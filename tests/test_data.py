@@ -592,3 +592,44 @@ def test_optional_scores_are_absent_not_zero():
     assert EditScores.from_dict(json.loads(json.dumps(b.to_dict()))) == b
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         EditScores(**{**a.to_dict(), "portability": 2.0})
+
+
+def test_image_path_errors_say_what_where_and_what_to_do(tmp_path):
+    """Each refusal of ``resolve_image_path`` carries its reason, the record's location and its hint, in
+    the message and as attributes (the message is the user's only guide: pinned whole)."""
+    import os
+
+    from odedit_hf.data import DataValidationError
+    from odedit_hf.data.images import resolve_image_path
+
+    root = os.path.realpath(tmp_path / "images")
+    os.makedirs(root)
+    where = {"root_arg": "image_root", "source": "edits.json", "index": 3, "field": "m_loc"}
+    cases = {
+        "/abs/x.png": (
+            "absolute image path '/abs/x.png'; MMEdit image paths are relative to image_root",
+            f"store the path relative to image_root ({root})",
+        ),
+        "a\0b.png": (None, "fix the path in the record"),
+        "../images_evil/x.png": (
+            f"image path '../images_evil/x.png' resolves to {os.path.realpath(tmp_path / 'images_evil/x.png')}, "
+            f"outside image_root {root}",
+            "image paths may not leave image_root (no '..' or symlinks pointing outside); "
+            "move the image under the root or point the root higher",
+        ),
+        "missing.png": (
+            f"image file not found: {os.path.join(root, 'missing.png')}",
+            f"check that image_root ({root}) is the folder the paths are relative to "
+            "and that the images are downloaded",
+        ),
+    }
+    for relative, (reason, hint) in cases.items():
+        with pytest.raises(DataValidationError) as info:
+            resolve_image_path(root, relative, **where)
+        err = info.value
+        assert (err.path, err.index, err.field, err.hint) == ("edits.json", 3, "m_loc", hint), relative
+        if reason is None:  # the OS's own words vary: only the start is ours
+            assert err.reason.startswith("invalid image path 'a\\x00b.png' (") and err.__cause__ is not None
+            reason = err.reason
+        assert err.reason == reason
+        assert str(err) == f"edits.json, record 3, field 'm_loc': {reason} ({hint})"
