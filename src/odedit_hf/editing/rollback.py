@@ -152,7 +152,8 @@ class AdapterSnapshot:
         model: the PEFT-wrapped model.
         adapter_name: the adapter to snapshot; its parameters are those whose name has the
             component ``adapter_name`` and that are not base weights.
-        exclude: parameters (by identity) that are not part of the adapter even if their name matches.
+        base: the model's :class:`BaseWeights`: its tensors are never part of the adapter, even when a
+            name has the component ``adapter_name``.
     """
 
     def __init__(

@@ -1,0 +1,130 @@
+"""The rollback machinery on small torch modules: what the base-weight hash covers, what a failed check
+says, what a snapshot holds (issue 20: the mutation survivors of ``editing/rollback.py``)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from odedit_hf.editing import AdapterSnapshot, BaseWeights, RollbackError
+from odedit_hf.editing.rollback import hash_tensors
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(5, 4)
+        self.proj = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 5, bias=False)
+        self.head.weight = self.embed.weight  # tied: counted once
+
+
+def _lora(model: nn.Module, adapter_name: str = "default"):  # noqa: ANN202
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(
+        model, LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False), adapter_name
+    )
+
+
+def test_hash_covers_every_tensor_after_an_empty_one_and_its_width():
+    a, b = torch.zeros(0), torch.arange(3.0)
+    digest = hash_tensors([("a", a), ("b", b)])
+    assert len(digest) == 32  # 16 bytes, hex
+    assert digest != hash_tensors([("a", a), ("b", b + 1)])  # an empty tensor does not end the hash
+    assert digest != hash_tensors([("a", a), ("c", b)])  # names count
+    assert digest != hash_tensors([("a", a), ("b", b.double())])  # dtypes count
+    assert digest == hash_tensors([("a", a.clone()), ("b", b.clone())])
+
+
+def test_base_weights_refuse_a_wrapped_model_and_a_model_holding_tuner_layers():
+    peft_model = _lora(_Tiny())
+    with pytest.raises(ValueError, match="before it is wrapped by PEFT"):
+        BaseWeights(peft_model)  # has peft_config
+    with pytest.raises(ValueError, match="call it before get_peft_model"):
+        BaseWeights(peft_model.base_model.model)  # no peft_config, but LoRA layers inside
+    BaseWeights(_Tiny())  # a plain model is fine
+
+
+def test_base_weights_record_tied_tensors_once_and_restore_requires_grad():
+    model = _Tiny()
+    model.proj.bias.requires_grad_(False)
+    base = BaseWeights(model)
+    assert len(base) == 3  # embed (= head), proj.weight, proj.bias
+    for p in model.parameters():
+        p.requires_grad_(False)  # as PEFT does
+    base.restore_requires_grad()
+    assert model.embed.weight.requires_grad and model.proj.weight.requires_grad
+    assert not model.proj.bias.requires_grad
+
+
+def test_failed_check_names_what_changed_and_what_it_means():
+    model = _Tiny()
+    base = BaseWeights(model)
+    expected = base.digest()
+    assert base.check(expected, context="at the start") == expected
+    with torch.no_grad():
+        model.proj.weight[0, 0] += 1
+    with pytest.raises(RollbackError) as info:
+        base.check(expected, context="after rolling back edit 7")
+    current = base.digest()
+    assert str(info.value) == (
+        f"base weights changed after rolling back edit 7 (changed: proj.weight): hash {current} != {expected}. "
+        "An editor wrote into the base model instead of its adapter (or an adapter was merged and not "
+        "unmerged); the results of this run are not valid"
+    )
+
+
+def test_failed_check_lists_at_most_five_names_and_none_without_a_matching_reference():
+    model = nn.Sequential(*[nn.Linear(2, 2, bias=False) for _ in range(7)])
+    base = BaseWeights(model)
+    expected = base.digest()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    with pytest.raises(
+        RollbackError, match=re.escape("(changed: 0.weight, 1.weight, 2.weight, 3.weight, 4.weight, ...)")
+    ):
+        base.check(expected, context="now")
+    base.digest()  # the reference now is the changed state: nothing to compare names against
+    with pytest.raises(RollbackError, match=r"^base weights changed now: hash "):
+        base.check(expected, context="now")
+
+
+def test_snapshot_holds_only_the_named_adapters_parameters_and_restores_them():
+    model = _Tiny()
+    base = BaseWeights(model)
+    peft_model = _lora(model, "edit")
+    peft_model.add_adapter("other", peft_model.peft_config["edit"])
+    snap = AdapterSnapshot(peft_model, "edit", base=base)
+    assert snap.names and all(".edit." in n for n in snap.names)
+    before = snap.digest()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if ".edit." in name or ".other." in name:
+                p.add_(1)
+    other = {n: p.detach().clone() for n, p in peft_model.named_parameters() if ".other." in n}
+    assert snap.digest() != before
+    snap.restore()
+    assert snap.digest() == before
+    for n, p in peft_model.named_parameters():
+        if n in other:
+            assert torch.equal(p, other[n])  # another adapter is not the snapshot's business
+
+
+def test_snapshot_defaults_to_the_default_adapter_and_refuses_a_model_without_it():
+    model = _Tiny()
+    base = BaseWeights(model)
+    with pytest.raises(
+        ValueError, match=re.escape("no parameter of adapter 'default'; wrap it with get_peft_model first")
+    ):
+        AdapterSnapshot(model, base=base)
+    peft_model = _lora(model)
+    assert (
+        AdapterSnapshot(peft_model, base=base).names
+        == AdapterSnapshot(peft_model, "default", base=base).names
+    )
