@@ -128,3 +128,58 @@ def test_snapshot_defaults_to_the_default_adapter_and_refuses_a_model_without_it
         AdapterSnapshot(peft_model, base=base).names
         == AdapterSnapshot(peft_model, "default", base=base).names
     )
+
+
+def test_cpu_hash_is_blake2b_of_the_raw_bytes():
+    """Pinned by hand: on the CPU the digest reads the tensor's raw bytes (the on-device fingerprint is for
+    accelerators only)."""
+    import hashlib
+
+    t = torch.tensor([[1.5, -0.0], [2.0, 3.0]])
+    by_hand = hashlib.blake2b(digest_size=16)
+    by_hand.update(b"w|torch.float32|(2, 2)|cpu|")
+    by_hand.update(t.numpy().tobytes())
+    assert hash_tensors([("w", t)]) == by_hand.hexdigest()
+    assert hash_tensors([("w", t)]) != hash_tensors([("w", torch.tensor([[1.5, 0.0], [2.0, 3.0]]))])  # -0.0
+
+
+def test_base_weights_refuse_either_sign_of_peft_alone():
+    plain = _Tiny()
+    plain.peft_config = {}  # a PEFT attribute without tuner layers (e.g. a half-unwrapped model)
+    with pytest.raises(ValueError, match="before it is wrapped by PEFT"):
+        BaseWeights(plain)
+    inner = _lora(_Tiny()).base_model.model
+    if hasattr(inner, "peft_config"):
+        del inner.peft_config
+    assert not hasattr(inner, "peft_config")
+    with pytest.raises(ValueError, match="before it is wrapped by PEFT"):
+        BaseWeights(inner)  # tuner layers without the attribute
+
+
+def test_failed_check_adds_no_ellipsis_for_exactly_five_names():
+    model = nn.Sequential(*[nn.Linear(2, 2, bias=False) for _ in range(5)])
+    base = BaseWeights(model)
+    expected = base.digest()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    with pytest.raises(
+        RollbackError, match=re.escape("(changed: 0.weight, 1.weight, 2.weight, 3.weight, 4.weight):")
+    ):
+        base.check(expected, context="now")
+
+
+def test_snapshot_leaves_out_base_weights_whose_name_has_the_adapter_component():
+    class _Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.edit = nn.Linear(4, 4)  # a base module called like the adapter
+            self.proj = nn.Linear(4, 4)
+
+    model = _Named()
+    base = BaseWeights(model)
+    peft_model = _lora(model, "edit")
+    names = AdapterSnapshot(peft_model, "edit", base=base).names
+    assert names and all("lora_" in n for n in names), names
+    unguarded = AdapterSnapshot(peft_model, "edit").names  # without base: the base module's weights join
+    assert set(names) < set(unguarded)
