@@ -633,3 +633,19 @@ def test_image_path_errors_say_what_where_and_what_to_do(tmp_path):
             reason = err.reason
         assert err.reason == reason
         assert str(err) == f"edits.json, record 3, field 'm_loc': {reason} ({hint})"
+
+
+def test_unreadable_image_error_names_the_file_the_record_and_the_fix(tmp_path):
+    from odedit_hf.data import DataValidationError
+    from odedit_hf.data.images import load_rgb_image
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataValidationError) as info:
+        load_rgb_image(str(bad), source="edits.json", index=2, field="image")
+    err = info.value
+    assert (err.path, err.index, err.field) == ("edits.json", 2, "image")
+    assert err.hint == "replace or re-download the file, or drop the record"
+    assert err.reason.startswith(f"cannot read image {bad}: ")
+    assert str(err).startswith(f"edits.json, record 2, field 'image': cannot read image {bad}: ")
+    assert str(err).endswith(" (replace or re-download the file, or drop the record)")

@@ -88,13 +88,8 @@ class BaseWeights:
                 "BaseWeights must record the model before it is wrapped by PEFT, so that adapter "
                 "parameters are not mistaken for base weights; call it before get_peft_model"
             )
-        seen: set[int] = set()
-        self._named: list[tuple[str, torch.Tensor]] = []
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if id(tensor) in seen:
-                continue  # tied weights count once
-            seen.add(id(tensor))
-            self._named.append((name, tensor))
+        # named_parameters / named_buffers yield a tensor shared by several modules (tied weights) once
+        self._named: list[tuple[str, torch.Tensor]] = [*model.named_parameters(), *model.named_buffers()]
         self._reference: tuple[str, list[str]] | None = None
         self._requires_grad = {
             name: t.requires_grad for name, t in self._named if isinstance(t, torch.nn.Parameter)
