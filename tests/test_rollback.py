@@ -43,8 +43,12 @@ def test_hash_covers_every_tensor_after_an_empty_one_and_its_width():
 
 def test_base_weights_refuse_a_wrapped_model_and_a_model_holding_tuner_layers():
     peft_model = _lora(_Tiny())
-    with pytest.raises(ValueError, match="before it is wrapped by PEFT"):
+    with pytest.raises(ValueError) as info:
         BaseWeights(peft_model)  # has peft_config
+    assert str(info.value) == (
+        "BaseWeights must record the model before it is wrapped by PEFT, so that adapter parameters are not "
+        "mistaken for base weights; call it before get_peft_model"
+    )
     with pytest.raises(ValueError, match="call it before get_peft_model"):
         BaseWeights(peft_model.base_model.model)  # no peft_config, but LoRA layers inside
     BaseWeights(_Tiny())  # a plain model is fine
@@ -183,3 +187,25 @@ def test_snapshot_leaves_out_base_weights_whose_name_has_the_adapter_component()
     assert names and all("lora_" in n for n in names), names
     unguarded = AdapterSnapshot(peft_model, "edit").names  # without base: the base module's weights join
     assert set(names) < set(unguarded)
+
+
+@pytest.mark.parametrize(("n", "tail"), [(6, ", ..."), (7, ", ...")])
+def test_failed_check_marks_more_than_five_names(n, tail):
+    model = nn.Sequential(*[nn.Linear(2, 2, bias=False) for _ in range(n)])
+    base = BaseWeights(model)
+    expected = base.digest()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    with pytest.raises(RollbackError, match=re.escape("3.weight, 4.weight" + tail + "):")):
+        base.check(expected, context="now")
+
+
+def test_a_check_against_another_record_s_digest_needs_no_earlier_digest():
+    """``check`` on a fresh record (no ``digest()`` taken on it) compares hashes and names nothing."""
+    model = _Tiny()
+    expected = BaseWeights(model).digest()
+    with torch.no_grad():
+        model.proj.bias.add_(1)
+    with pytest.raises(RollbackError, match=r"^base weights changed at the end: hash [0-9a-f]{32} != "):
+        BaseWeights(model).check(expected, context="at the end")
