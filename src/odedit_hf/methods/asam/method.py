@@ -98,8 +98,10 @@ class ASAMObjective:
 
     Attributes:
         last_terms: the detached terms of the last step.
-        last_units: the RCSL matrices of the last step, one per request (rows: anchor, variants,
-            rephrases), attached to the graph; the anchor row is a constant under asymmetric flow.
+        last_units: the RCSL matrices of the last step, one per request (rows: anchor, rephrases,
+            variants), attached to the graph; the anchor row is a constant under asymmetric flow.
+        last_anchors: the clean edit prompts' representations of the last step as the model computed them
+            (before the asymmetric detach), one per request.
         trace: per-edit means of the terms over the steps taken (``steps``, ``nll``, ``variant_nll``,
             ``rcsl``, ``loc``).
     """
@@ -125,9 +127,11 @@ class ASAMObjective:
         self.backbone = backbone
         self.edit_batch = edit_batch
         layers = backbone.decoder_layers()
+        #: (edit layer, representation layer) indices
+        self.layers = (enter_layer, rep_layer)
         self.enter = layers[enter_layer]
         self.rep = layers[rep_layer]
-        self.hidden_size = int(getattr(backbone.base_model.config.get_text_config(), "hidden_size"))
+        self.hidden_size = int(backbone.base_model.config.get_text_config().hidden_size)
         self.pre_loc = pre_loc
         self.variant_batch = variant_batch
         self.variant_owners = list(variant_owners)
@@ -138,10 +142,13 @@ class ASAMObjective:
             raise ValueError("ASAMObjective: LAR is on but no variant batch / radii were given")
         self.last_terms: dict[str, float] = {}
         self.last_units: list[torch.Tensor] = []
+        self.last_anchors: list[torch.Tensor] = []
         self._sums: dict[str, float] = {}
         self._steps = 0
 
-    def _reps(self, captured: list[torch.Tensor], batches: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    def _reps(
+        self, captured: list[torch.Tensor], batches: Sequence[dict[str, torch.Tensor]]
+    ) -> list[torch.Tensor]:
         """Per batch, the representation layer's output at each row's last prompt token ``(B, H)``."""
         if len(captured) != len(batches):
             raise ValueError(
@@ -193,6 +200,7 @@ class ASAMObjective:
             variant_reps = self._reps(vcaptured, [self.variant_batch])[0]
 
         self.last_units = []
+        self.last_anchors = []
         if cfg.rcsl:
             penalties = []
             for owner in range(eb.num_requests):
@@ -201,6 +209,7 @@ class ASAMObjective:
                 if variant_reps is not None:
                     others.append(variant_reps[[i for i, o in enumerate(self.variant_owners) if o == owner]])
                 matrix = unit_matrix(anchor, torch.cat(others), symmetric=cfg.symmetric)
+                self.last_anchors.append(anchor)
                 self.last_units.append(matrix)
                 penalties.append(rcsl_penalty(matrix, cfg.rank, cfg.rcsl_norm))
             rcsl = torch.stack(penalties).mean()
@@ -302,19 +311,16 @@ class ASAMMethod(Wrapper):
             )
         return config
 
-    def edit(self, peft_model: PeftModel, backbone: Backbone, requests: Sequence[EditRequest]) -> EditStats:
-        """Edit ``requests`` (one optimisation) into the active adapter with ASAM's objective.
+    def prepare_objective(
+        self, peft_model: PeftModel, backbone: Backbone, requests: Sequence[EditRequest]
+    ) -> ASAMObjective:
+        """The :class:`ASAMObjective` of one edit of ``requests`` (after the editor's ``before_edit``).
 
-        Raises:
-            EditDivergedError: the loss became NaN/inf; the adapter is back to its state before this call.
+        Builds the knowledge unit's prompts and LAR's copies of the edit prompt, and runs one pass with the
+        adapter disabled for the pre-edit locality logits and the LAR radii (the edit layer's input does
+        not depend on the adapter: no adapter layer lies below it).
         """
         config = self._config(peft_model)
-        if len(requests) > 1 and not self.editor.supports_batch:
-            raise ValueError(
-                f"{self.name}: the editor {self.editor.name!r} edits one request at a time (got {len(requests)})"
-            )
-        snapshot = self.snapshot(peft_model, peft_model.active_adapter)
-        self.before_edit(peft_model, backbone, requests)
         device = model_device(peft_model)
         groups = ("edit", *(_UNIT_GROUPS if config.rcsl else ()), *(_LOC_GROUPS if config.loc else ()))
         edit_batch = build_edit_batch(
@@ -328,32 +334,51 @@ class ASAMMethod(Wrapper):
             flat = [s for s in samples for _ in range(config.n_variants)]
             owners = [i for i in range(len(samples)) for _ in range(config.n_variants)]
             variant_batch = backbone.build_batch(flat, device=device)
-        with backbone.frozen_vision_cache():
-            pre_loc = radius = None
-            with torch.no_grad(), peft_model.disable_adapter():
-                if config.loc:
-                    pre_loc = _loc_rows(run_groups(backbone.forward, backbone, edit_batch), config.loc_positions)
-                if variant_batch is not None:
-                    # the edit layer's input does not depend on the adapter (no adapter layer lies below it)
-                    radius = lar_radius(
-                        backbone.forward, backbone.decoder_layers()[enter], variant_batch, config.epsilon
-                    )
-            objective = ASAMObjective(
-                config,
-                self.editor,
-                peft_model,
-                backbone,
-                edit_batch,
-                enter_layer=enter,
-                rep_layer=rep,
-                pre_loc=pre_loc,
-                variant_batch=variant_batch,
-                variant_owners=owners,
-                radius=radius,
+        pre_loc = radius = None
+        with torch.no_grad(), peft_model.disable_adapter():
+            if config.loc:
+                pre_loc = _loc_rows(run_groups(backbone.forward, backbone, edit_batch), config.loc_positions)
+            if variant_batch is not None:
+                radius = lar_radius(
+                    backbone.forward, backbone.decoder_layers()[enter], variant_batch, config.epsilon
+                )
+        return ASAMObjective(
+            config,
+            self.editor,
+            peft_model,
+            backbone,
+            edit_batch,
+            enter_layer=enter,
+            rep_layer=rep,
+            pre_loc=pre_loc,
+            variant_batch=variant_batch,
+            variant_owners=owners,
+            radius=radius,
+        )
+
+    def edit(self, peft_model: PeftModel, backbone: Backbone, requests: Sequence[EditRequest]) -> EditStats:
+        """Edit ``requests`` (one optimisation) into the active adapter with ASAM's objective.
+
+        Raises:
+            EditDivergedError: the loss became NaN/inf; the adapter is back to its state before this call.
+        """
+        self._config(peft_model)
+        if len(requests) > 1 and not self.editor.supports_batch:
+            raise ValueError(
+                f"{self.name}: the editor {self.editor.name!r} edits one request at a time (got {len(requests)})"
             )
+        snapshot = self.snapshot(peft_model, peft_model.active_adapter)
+        self.before_edit(peft_model, backbone, requests)
+        with backbone.frozen_vision_cache():
+            try:
+                objective = self.prepare_objective(peft_model, backbone, requests)
+            except BaseException:
+                snapshot.restore()  # the editor's before_edit may have grown the adapter
+                raise
             stats = run_edit_loop(
                 peft_model, self.edit_parameters(peft_model), self.loop, objective, snapshot=snapshot
             )
+        enter, rep = objective.layers
         self.last_edit_trace = {**objective.trace, "edit_layer": enter, "representation_layer": rep}
         logger.debug("ASAM: %d steps, last terms %s", stats.steps, objective.last_terms)
         self.after_edit(peft_model, backbone, requests, stats)

@@ -136,7 +136,9 @@ def project_to_ball(delta: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     return delta * scale
 
 
-def random_in_ball(radius: torch.Tensor, hidden_size: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_in_ball(
+    radius: torch.Tensor, hidden_size: int, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Per token a uniformly random direction scaled by ``radius · u``, ``u ~ U(0, 1)`` (LAR's random start,
     which makes the variants of one step differ). Zero where the radius is zero."""
     shape = (*radius.shape[:-1], hidden_size)
@@ -228,7 +230,9 @@ def rcsl_penalty(matrix: torch.Tensor, rank: int = 1, norm: str = "ratio") -> to
     ``"sum"``: ``Σ_{i>rank} σ_i``. Differentiable (``torch.linalg.svdvals``).
     """
     if matrix.dim() != 2:
-        raise ValueError(f"rcsl_penalty: expected a (members, hidden) matrix, got shape {tuple(matrix.shape)}")
+        raise ValueError(
+            f"rcsl_penalty: expected a (members, hidden) matrix, got shape {tuple(matrix.shape)}"
+        )
     if norm not in ("ratio", "sum"):
         raise ValueError(f"rcsl_penalty: norm must be 'ratio' or 'sum', got {norm!r}")
     sigma = torch.linalg.svdvals(matrix.float())
