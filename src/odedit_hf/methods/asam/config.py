@@ -44,7 +44,7 @@ class ASAMConfig(WrapperConfig):
             in the hidden states entering the edit layer, trained to the target (ablation switch).
         n_variants (`int`, defaults to 2):
             LAR variants per edit prompt and step (each from its own random start in the ball).
-        epsilon (`float`, defaults to 0.1):
+        epsilon (`float`, defaults to 0.03):
             The ball's radius, relative and per token: a variant's perturbation at prompt position t obeys
             ``‖δ_t‖₂ ≤ epsilon · ‖h_t‖₂`` (h_t the clean hidden state entering the edit layer).
         pgd_steps (`int`, defaults to 3):
@@ -78,7 +78,7 @@ class ASAMConfig(WrapperConfig):
 
     lar: bool = field(default=True, metadata={"help": "Latent Adversarial Robustification on/off."})
     n_variants: int = field(default=2, metadata={"help": "LAR variants per edit prompt and step."})
-    epsilon: float = field(default=0.1, metadata={"help": "Relative per-token L2 radius of the LAR ball."})
+    epsilon: float = field(default=0.03, metadata={"help": "Relative per-token L2 radius of the LAR ball."})
     pgd_steps: int = field(default=3, metadata={"help": "PGD ascent steps per variant (0 = random start)."})
     pgd_step_size: float = field(default=0.5, metadata={"help": "PGD step as a fraction of the radius."})
     variant_weight: float = field(default=1.0, metadata={"help": "Weight of the variants' target NLL."})
