@@ -298,7 +298,7 @@ def test_cli_edit_with_asam_on_the_micro_world(micro_world, tmp_path):  # noqa: 
     options = method["options"]
     assert options["n_variants"] == 1 and options["pgd_steps"] == 1 and options["symmetric"] is True
     assert (
-        options["epsilon"] == 0.1 and options["rank"] == 1 and options["lar"] and options["rcsl"]
+        options["epsilon"] == 0.03 and options["rank"] == 1 and options["lar"] and options["rcsl"]
     )  # defaults
     assert method["editor"]["options"]["steps"] == 3
     assert report["n_edits"] == 2
