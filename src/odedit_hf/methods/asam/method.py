@@ -78,6 +78,8 @@ def edit_layers(backbone: Backbone) -> tuple[int, int]:
 def _loc_rows(outputs: dict[str, GroupOutput], mode: str) -> torch.Tensor:
     rows = []
     for g in _LOC_GROUPS:
+        if g not in outputs:  # a batch of text-only requests may have no ``m_loc`` group
+            continue
         group = outputs[g]
         if mode == "answer":
             rows.append(group.answer_logits)
@@ -206,15 +208,19 @@ class ASAMObjective:
             for owner in range(eb.num_requests):
                 anchor = self._group_rows("edit", reps, owner)[0]
                 others = [self._group_rows(g, reps, owner) for g in _UNIT_GROUPS if g in eb.slices]
+                others = [o for o in others if len(o)]
                 if variant_reps is not None:
                     others.append(variant_reps[[i for i, o in enumerate(self.variant_owners) if o == owner]])
+                if not others:
+                    continue  # a unit of the edit prompt alone has nothing to align
                 matrix = unit_matrix(anchor, torch.cat(others), symmetric=cfg.symmetric)
                 self.last_anchors.append(anchor)
                 self.last_units.append(matrix)
                 penalties.append(rcsl_penalty(matrix, cfg.rank, cfg.rcsl_norm))
-            rcsl = torch.stack(penalties).mean()
-            named["rcsl"] = rcsl
-            total = total + cfg.rcsl_weight * rcsl
+            if penalties:
+                rcsl = torch.stack(penalties).mean()
+                named["rcsl"] = rcsl
+                total = total + cfg.rcsl_weight * rcsl
 
         extra = self.editor.extra_loss(self.peft_model)
         for value in extra.values():
@@ -231,9 +237,9 @@ class ASAMObjective:
     def _group_rows(self, group: str, reps: list[torch.Tensor], owner: int) -> torch.Tensor:
         b, lo, hi = self.edit_batch.slices[group]
         rows = [lo + i for i, o in enumerate(self.edit_batch.owners[group]) if o == owner]
-        if not rows:
-            raise ValueError(f"ASAM: request {owner} has no {group!r} prompt in its knowledge unit")
-        return reps[b][rows]
+        if not rows and group == "edit":
+            raise ValueError(f"ASAM: request {owner} has no edit prompt in the batch")
+        return reps[b][rows]  # (0, H) for a request without this group (a text-only one: no image rephrase)
 
     def after_optimizer_step(self, step: int) -> None:
         """Nothing: ASAM has no dual variables."""
