@@ -85,4 +85,5 @@ EDITOR_CASES: list[EditorCase] = [
 WRAPPERS: list[tuple[str, dict[str, Any]]] = [
     ("odedit", {"lambda_mode": "sketch"}),
     ("ldke", {"k": 1}),
+    ("asam", {"n_variants": 1, "pgd_steps": 1}),
 ]
