@@ -83,7 +83,11 @@ class UniKEConfig(PeftConfig):
             raise ValueError(f"UniKEConfig: {self.memory_module!r} cannot be both patched and the memory")
         for name in ("sem_dim", "tru_dim", "ffn_dim"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "ffn_dim" else 1):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (0 if name == "ffn_dim" else 1)
+            ):
                 raise ValueError(f"UniKEConfig.{name} must be a positive int, got {value!r}")
         for name in ("scale_init", "sim_threshold", "alpha_max"):
             value = getattr(self, name)

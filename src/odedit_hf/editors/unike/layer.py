@@ -104,7 +104,8 @@ class UniKEMemoryLayer(BaseTunerLayer):
     ``unike_kv_value_frozen`` ``(N₀, d)`` + ``unike_kv_value`` ``(N − N₀, d)`` (their values: earlier and
     the latest edit's trainable ones; the latest edit's tokens are always the last rows),
     ``unike_kv_entry`` ``(N,)`` (the entry each token belongs to), ``unike_kv_anchor`` ``(M, d)`` and
-    ``unike_kv_anchor_entry`` ``(M,)`` (the retrieval anchors: an edit's own latent keys, and their entry), ``unike_sem_weight`` ``(sem_dim, d)``, ``unike_tru_weight``
+    ``unike_kv_anchor_entry`` ``(M,)`` (the retrieval anchors: an edit's own latent keys, and their entry),
+    ``unike_kv_gain`` ``(1,)`` (the scale the current values are stored in), ``unike_sem_weight`` ``(sem_dim, d)``, ``unike_tru_weight``
     ``(tru_dim, ffn_dim)`` and ``unike_encoder_ready`` ``(1,)`` (1 once the heads are trained).
     """
 
@@ -115,6 +116,7 @@ class UniKEMemoryLayer(BaseTunerLayer):
         "unike_kv_entry",
         "unike_kv_anchor",
         "unike_kv_anchor_entry",
+        "unike_kv_gain",
         "unike_sem_weight",
         "unike_tru_weight",
         "unike_encoder_ready",
@@ -157,6 +159,7 @@ class UniKEMemoryLayer(BaseTunerLayer):
         self.unike_kv_entry[adapter_name] = zeros(0)
         self.unike_kv_anchor[adapter_name] = zeros(0, d)
         self.unike_kv_anchor_entry[adapter_name] = zeros(0)
+        self.unike_kv_gain[adapter_name] = torch.ones(1, device=device)
         self.unike_sem_weight[adapter_name] = zeros(config.sem_dim, d)
         self.unike_tru_weight[adapter_name] = zeros(config.tru_dim, max(config.ffn_dim, 1))
         self.unike_encoder_ready[adapter_name] = zeros(1)
@@ -180,9 +183,11 @@ class UniKEMemoryLayer(BaseTunerLayer):
         return int(self.unike_kv_key[adapter_name].shape[0])
 
     def values(self, adapter_name: str) -> torch.Tensor:
-        """Frozen and current values joined (differentiable in the current ones)."""
+        """Frozen and current values joined (differentiable in the current ones). The current values are
+        stored divided by ``unike_kv_gain`` (the mean norm of the entry's keys), so that an optimiser step
+        changes them relative to the size of the model's states, whatever that size."""
         frozen = self.unike_kv_value_frozen[adapter_name]
-        current = self.unike_kv_value[adapter_name]
+        current = self.unike_kv_value[adapter_name] * self.unike_kv_gain[adapter_name]
         return current if frozen.shape[0] == 0 else torch.cat([frozen, current], dim=0)
 
     def encoder_ready(self, adapter_name: str) -> bool:
@@ -194,7 +199,9 @@ class UniKEMemoryLayer(BaseTunerLayer):
         for name, value in (("unike_sem_weight", sem), ("unike_tru_weight", tru)):
             old = getattr(self, name)[adapter_name]
             if tuple(value.shape) != tuple(old.shape):
-                raise ValueError(f"UniKE: {name} must have shape {tuple(old.shape)}, got {tuple(value.shape)}")
+                raise ValueError(
+                    f"UniKE: {name} must have shape {tuple(old.shape)}, got {tuple(value.shape)}"
+                )
             getattr(self, name)[adapter_name] = value.detach().to(old.device, torch.float32).clone()
         self.unike_encoder_ready[adapter_name] = torch.ones_like(self.unike_encoder_ready[adapter_name])
 
@@ -224,13 +231,18 @@ class UniKEMemoryLayer(BaseTunerLayer):
         dev = self.unike_kv_key[adapter_name].device
         entry = float(self.num_entries(adapter_name))
         current = self.unike_kv_value[adapter_name]
-        frozen = [self.unike_kv_value_frozen[adapter_name], current.detach(), fixed.to(dev)]
+        old = (current * self.unike_kv_gain[adapter_name]).detach()
+        frozen = [self.unike_kv_value_frozen[adapter_name], old, fixed.to(dev)]
         new_values = values.detach().to(dev, torch.float32)
+        gain = keys.detach().float().norm(dim=-1).mean().clamp_min(1e-6).reshape(1).to(dev)
         if not trainable:
             frozen.append(new_values)
             new_values = new_values[:0]
         self.unike_kv_value_frozen[adapter_name] = torch.cat(frozen, dim=0).float().clone()
-        self.unike_kv_value[adapter_name] = nn.Parameter(new_values.clone(), requires_grad=current.requires_grad)
+        self.unike_kv_gain[adapter_name] = gain
+        self.unike_kv_value[adapter_name] = nn.Parameter(
+            (new_values / gain).clone(), requires_grad=current.requires_grad
+        )
         self.unike_kv_key[adapter_name] = torch.cat(
             [self.unike_kv_key[adapter_name], fixed.to(dev), keys.to(dev)], dim=0
         ).float()

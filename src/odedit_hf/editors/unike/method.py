@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -278,22 +279,39 @@ class UniKEMethod(Editor):
             if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
                 raise ValueError(f"UniKEMethod.{name} must be an int >= {lowest}, got {value!r}")
         if isinstance(self.memory_layer, bool) or not isinstance(self.memory_layer, int):
-            raise ValueError(f"UniKEMethod.memory_layer must be a decoder layer index, got {self.memory_layer!r}")
+            raise ValueError(
+                f"UniKEMethod.memory_layer must be a decoder layer index, got {self.memory_layer!r}"
+            )
         for name in ("beta", "scale_init", "act_weight", "mem_weight", "encoder_lr", "temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"UniKEMethod.{name} must be a finite number, got {value!r}")
             setattr(self, name, float(value))
-        if min(self.beta, self.act_weight, self.mem_weight) < 0 or self.temperature <= 0 or self.scale_init <= 0:
-            raise ValueError("UniKEMethod: beta, act_weight, mem_weight must be >= 0; temperature, scale_init > 0")
+        if (
+            min(self.beta, self.act_weight, self.mem_weight) < 0
+            or self.temperature <= 0
+            or self.scale_init <= 0
+        ):
+            raise ValueError(
+                "UniKEMethod: beta, act_weight, mem_weight must be >= 0; temperature, scale_init > 0"
+            )
+        if not isinstance(self.memory, str) or not (
+            self.memory in ("auto", "off") or os.path.isfile(self.memory)
+        ):
+            raise ValueError(
+                f"UniKEMethod.memory must be 'auto', 'off' or an MMEdit file, got {self.memory!r}"
+            )
         if not isinstance(self.encoder_source, str) or not self.encoder_source:
-            raise ValueError(f"UniKEMethod.encoder_source must be auto, edits or a file, got {self.encoder_source!r}")
+            raise ValueError(
+                f"UniKEMethod.encoder_source must be auto, edits or a file, got {self.encoder_source!r}"
+            )
         self._config_check()
         self.loop  # noqa: B018 - validates the loop fields now, where the user set them
         self._pending: _Pending | None = None
         self._heads: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._pools: dict[tuple[Any, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
-        self._tpatchers: dict[int, Any] = {}
+        self._train_memories: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._hashes: dict[int, tuple[weakref.ref, str]] = {}
         self._memo: tuple[Any, ...] | None = None
 
     def _config_check(self) -> None:
@@ -374,8 +392,6 @@ class UniKEMethod(Editor):
 
     # ------------------------------------------------------------------ the heads
     def _source(self, backbone: Backbone) -> tuple[str, str] | None:
-        import os
-
         from odedit_hf.editors.tpatcher.memory import find_world_train_file
 
         if self.encoder_source == "edits":
@@ -387,7 +403,9 @@ class UniKEMethod(Editor):
                 f"UniKEMethod.encoder_source: {self.encoder_source!r} is no file; give an MMEdit train file, "
                 "'auto' or 'edits'"
             )
-        return self.encoder_source, os.path.join(os.path.dirname(os.path.abspath(self.encoder_source)), "images")
+        return self.encoder_source, os.path.join(
+            os.path.dirname(os.path.abspath(self.encoder_source)), "images"
+        )
 
     @staticmethod
     def _record_samples(record: Any) -> list[Any]:
@@ -430,12 +448,11 @@ class UniKEMethod(Editor):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The semantic and truthfulness heads for this model (trained now, or from the in-process memo)."""
         from odedit_hf.data import load_mmedit
-        from odedit_hf.editors.tpatcher.memory import model_weight_hash
 
         from .encoder import semantic_set, train_head, truth_set
 
         source = self._source(backbone)
-        digest = model_weight_hash(backbone.base_model, skip="unike_")
+        digest = self._digest(backbone.base_model)
         settings = (self.sem_dim, self.tru_dim, self.encoder_records, self.encoder_steps, self.encoder_lr)
         memo = (digest, source, *settings, self.temperature, self.encoder_seed)
         self._memo = memo
@@ -453,7 +470,9 @@ class UniKEMethod(Editor):
             records = list(load_mmedit(source[0], source[1], limit=self.encoder_records))
         states = self._collect(backbone, peft_model, records)
         # semantic: reliability + both generality samples are one group; the locality samples negatives
-        groups = [([s for s in rec[:3] if s is not None], [s for s in rec[3:5] if s is not None]) for rec in states]
+        groups = [
+            ([s for s in rec[:3] if s is not None], [s for s in rec[3:5] if s is not None]) for rec in states
+        ]
         sem_x, sem_y = semantic_set(groups)
         sem, before, after = train_head(
             sem_x,
@@ -465,12 +484,16 @@ class UniKEMethod(Editor):
             batch=1024,
             seed=self.encoder_seed,
         )
-        logger.info("UniKE semantic head: contrastive loss %.3f -> %.3f on %d states", before, after, len(sem_y))
+        logger.info(
+            "UniKE semantic head: contrastive loss %.3f -> %.3f on %d states", before, after, len(sem_y)
+        )
         truth = truth_set([(rec[0], rec[5]) for rec in states])
         if truth is None:
             ffn_dim = states[0][0].ffn[-1].shape[-1]
             tru = torch.zeros(self.tru_dim, ffn_dim)
-            logger.warning("UniKE: no record has a pred answer; the truthfulness head stays zero (no steering)")
+            logger.warning(
+                "UniKE: no record has a pred answer; the truthfulness head stays zero (no steering)"
+            )
         else:
             tru, before, after = train_head(
                 truth[0],
@@ -483,7 +506,10 @@ class UniKEMethod(Editor):
                 seed=self.encoder_seed + 1,
             )
             logger.info(
-                "UniKE truthfulness head: contrastive loss %.3f -> %.3f on %d states", before, after, len(truth[1])
+                "UniKE truthfulness head: contrastive loss %.3f -> %.3f on %d states",
+                before,
+                after,
+                len(truth[1]),
             )
         if source is not None:
             self._heads[memo] = (sem, tru)
@@ -492,16 +518,6 @@ class UniKEMethod(Editor):
                 [rec[0].mem[-self.kv_tokens :] for rec in states],
             )
         return sem, tru
-
-    def _tpatcher(self, layer: int) -> Any:
-        """A T-Patcher method for ``layer``'s train-split memory (its disk cache is shared with T-Patcher)."""
-        from odedit_hf.editors.tpatcher.method import TPatcherMethod
-
-        helper = self._tpatchers.get(layer)
-        if helper is None:
-            helper = TPatcherMethod(layer=layer, memory=self.memory, memory_size=self.memory_size)
-            self._tpatchers[layer] = helper
-        return helper
 
     # ------------------------------------------------------------------ hooks
     @torch.no_grad()
@@ -554,7 +570,11 @@ class UniKEMethod(Editor):
                 picked.extend((i, p) for p in positions)
             if self.neurons > 0:  # the released code: a fixed count, keys cycling over the error positions
                 picked = [picked[j % len(picked)] for j in range(self.neurons)]
-            directions = self._truth_directions(backbone, peft_model, requests, memory, keys) if self.disentangle else None
+            directions = (
+                self._truth_directions(backbone, peft_model, requests, memory, keys)
+                if self.disentangle
+                else None
+            )
             for g_index, (group, x) in enumerate(zip(groups.values(), ffn_states)):
                 q = torch.stack([x[i, p] for i, p in picked])
                 norm2 = q.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
@@ -570,7 +590,11 @@ class UniKEMethod(Editor):
                 group["key"].grow(adapter, k, bias=torch.zeros(n_new, device=device))
                 if "up" in group:
                     group["up"].grow(adapter, q / norm2, trainable=self.train_up)
-                value.grow(adapter, columns, scale=torch.full((n_new,), value.tpatcher_scale_init[adapter], device=device))
+                value.grow(
+                    adapter,
+                    columns,
+                    scale=torch.full((n_new,), value.tpatcher_scale_init[adapter], device=device),
+                )
                 past = group["key"].tpatcher_memory[adapter]
                 train_memory = self._train_memory(backbone, peft_model, list(groups)[g_index])
                 mem = torch.cat([train_memory.to(past.device), past]) if train_memory.numel() else past
@@ -585,7 +609,9 @@ class UniKEMethod(Editor):
                     fixed = self._nearest_demos(memory, adapter, own, sem_pool)
                 memory.add_entry(adapter, own, own.clone(), fixed_keys=fixed, trainable=self.train_kv)
         self._pending = (
-            _Pending(weakref.ref(peft_model), adapter, keys, pending_queries, pending_memories, pending_states)
+            _Pending(
+                weakref.ref(peft_model), adapter, keys, pending_queries, pending_memories, pending_states
+            )
             if self.intrinsic
             else None
         )
@@ -609,7 +635,12 @@ class UniKEMethod(Editor):
         return torch.cat(picked).to(own) if picked else None
 
     def _truth_directions(
-        self, backbone: Backbone, peft_model: Any, requests: Sequence[EditRequest], memory: Any, keys: list[Any]
+        self,
+        backbone: Backbone,
+        peft_model: Any,
+        requests: Sequence[EditRequest],
+        memory: Any,
+        keys: list[Any],
     ) -> list[torch.Tensor] | None:
         """Per patched FFN, ``Tᵀζ`` normalised: the edit's truthfulness direction (``ζ`` = mean head output at
         the answer tokens of ``src -> alt`` minus that of ``src -> pred``); ``None`` without a ``pred``."""
@@ -640,11 +671,57 @@ class UniKEMethod(Editor):
         return out
 
     def _train_memory(self, backbone: Backbone, peft_model: Any, layer_index: int) -> torch.Tensor:
+        """T-Patcher's train-split memory of ``layer_index``'s FFN inputs (base model; T-Patcher's disk cache,
+        keyed by the base weights without UniKE's adapter tensors)."""
+        from odedit_hf.editors.tpatcher.memory import find_world_train_file, load_or_build_memory
+        from odedit_hf.editors.tpatcher.method import ffn_roles
+
         if self.mem_weight == 0 or self.memory == "off" or self.memory_size == 0:
             return torch.zeros(0)
-        helper = self._tpatcher(layer_index)
-        with peft_model.disable_adapter():
-            return helper.build_memory(backbone)
+        if self.memory == "auto":
+            source = find_world_train_file(backbone.base_model)
+        else:
+            source = (self.memory, os.path.join(os.path.dirname(os.path.abspath(self.memory)), "images"))
+        if source is None:
+            return torch.zeros(0)
+        key_name, _, _ = ffn_roles(backbone, layer_index)
+        digest = self._digest(backbone.base_model)
+        memo = (digest, *source, key_name, self.memory_size)
+        memory = self._train_memories.get(memo)
+        if memory is None:
+            module = backbone.base_model.get_submodule(key_name)
+            module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            was_training = peft_model.training
+            peft_model.eval()
+            try:
+                with peft_model.disable_adapter():
+                    memory = load_or_build_memory(
+                        backbone,
+                        key_name,
+                        module,
+                        source[0],
+                        source[1],
+                        size=self.memory_size,
+                        batch_size=16,
+                        seed=0,
+                        cache_dir=None,
+                        weight_hash=digest,
+                    )
+            finally:
+                peft_model.train(was_training)
+            self._train_memories[memo] = memory
+        return memory
+
+    def _digest(self, model: torch.nn.Module) -> str:
+        """The base weights' hash (UniKE's adapter tensors left out), once per model object."""
+        from odedit_hf.editors.tpatcher.memory import model_weight_hash
+
+        entry = self._hashes.get(id(model))
+        if entry is not None and entry[0]() is model:
+            return entry[1]
+        digest = model_weight_hash(model, skip="unike_")
+        self._hashes[id(model)] = (weakref.ref(model), digest)
+        return digest
 
     def _current(self, peft_model: PeftModel) -> _Pending | None:
         pending = self._pending
