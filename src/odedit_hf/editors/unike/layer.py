@@ -184,8 +184,8 @@ class UniKEMemoryLayer(BaseTunerLayer):
 
     def values(self, adapter_name: str) -> torch.Tensor:
         """Frozen and current values joined (differentiable in the current ones). The current values are
-        stored divided by ``unike_kv_gain`` (the mean norm of the entry's keys), so that an optimiser step
-        changes them relative to the size of the model's states, whatever that size."""
+        stored divided by ``unike_kv_gain`` (see :meth:`add_entry`), so that an optimiser step changes them
+        relative to the size of the model's states, whatever that size."""
         frozen = self.unike_kv_value_frozen[adapter_name]
         current = self.unike_kv_value[adapter_name] * self.unike_kv_gain[adapter_name]
         return current if frozen.shape[0] == 0 else torch.cat([frozen, current], dim=0)
@@ -214,11 +214,14 @@ class UniKEMemoryLayer(BaseTunerLayer):
         *,
         fixed_keys: torch.Tensor | None = None,
         trainable: bool = True,
+        value_step: float = 1.0,
     ) -> None:
         """Freeze the current values and add one entry: its own latent pairs ``keys``/``values`` ``(n, d)``
         (the keys are also the entry's retrieval anchors; the values are trainable unless
         ``trainable=False``) and ``fixed_keys`` ``(m, d)`` (pairs whose value is the key, e.g. retrieved
-        demonstrations; never trained, never anchors)."""
+        demonstrations; never trained, never anchors). The trainable values are stored in units of
+        ``value_step · mean‖k‖ / √d`` (``unike_kv_gain``): an optimiser step of size ``lr`` per coordinate
+        then moves a value by about ``value_step · lr`` of its own typical coordinate."""
         if adapter_name not in self.unike_kv_key:
             raise ValueError(f"UniKE memory layer has no adapter {adapter_name!r}")
         d = self.in_features
@@ -234,7 +237,8 @@ class UniKEMemoryLayer(BaseTunerLayer):
         old = (current * self.unike_kv_gain[adapter_name]).detach()
         frozen = [self.unike_kv_value_frozen[adapter_name], old, fixed.to(dev)]
         new_values = values.detach().to(dev, torch.float32)
-        gain = keys.detach().float().norm(dim=-1).mean().clamp_min(1e-6).reshape(1).to(dev)
+        gain = keys.detach().float().norm(dim=-1).mean().clamp_min(1e-6) * value_step / math.sqrt(d)
+        gain = gain.reshape(1).to(dev)
         if not trainable:
             frozen.append(new_values)
             new_values = new_values[:0]

@@ -190,6 +190,8 @@ class UniKEMethod(Editor):
         memory_size: the most train-split FFN inputs in T-Patcher's memory.
         kv_tokens: the most latent key-value pairs an edit contributes.
         train_kv: train the edit's latent values with the neurons.
+        kv_step: how fast the latent values move relative to their own size: stored in units of
+            ``kv_step·‖k‖/√d``, one Adam step changes a value coordinate by about ``kv_step·lr`` of a typical one.
         demos: train-split demonstrations whose latent pairs join an edit's entry (top by semantic similarity).
         sim_threshold: retrieval gate θ on the cosine similarity.
         alpha_max: the mixing weight at similarity 1.
@@ -226,6 +228,7 @@ class UniKEMethod(Editor):
     memory_size: int = 10000
     kv_tokens: int = 8
     train_kv: bool = True
+    kv_step: float = 20.0
     demos: int = 2
     sim_threshold: float = 0.5
     alpha_max: float = 1.0
@@ -282,7 +285,15 @@ class UniKEMethod(Editor):
             raise ValueError(
                 f"UniKEMethod.memory_layer must be a decoder layer index, got {self.memory_layer!r}"
             )
-        for name in ("beta", "scale_init", "act_weight", "mem_weight", "encoder_lr", "temperature"):
+        for name in (
+            "beta",
+            "scale_init",
+            "act_weight",
+            "mem_weight",
+            "encoder_lr",
+            "temperature",
+            "kv_step",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"UniKEMethod.{name} must be a finite number, got {value!r}")
@@ -607,7 +618,14 @@ class UniKEMethod(Editor):
                 fixed = None
                 if self.demos > 0 and sem_pool is not None:
                     fixed = self._nearest_demos(memory, adapter, own, sem_pool)
-                memory.add_entry(adapter, own, own.clone(), fixed_keys=fixed, trainable=self.train_kv)
+                memory.add_entry(
+                    adapter,
+                    own,
+                    own.clone(),
+                    fixed_keys=fixed,
+                    trainable=self.train_kv,
+                    value_step=self.kv_step,
+                )
         self._pending = (
             _Pending(
                 weakref.ref(peft_model), adapter, keys, pending_queries, pending_memories, pending_states
