@@ -246,3 +246,19 @@ def test_contrastive_head_pulls_groups_together():
     sims = z @ z.T
     same = labels.unsqueeze(0) == labels.unsqueeze(1)
     assert sims[same].mean() > sims[~same].mean() + 0.5
+
+
+def test_a_batch_edit_adds_one_trainable_entry_per_request(images):
+    backbone, method, peft_model = _wrapped(intrinsic=False, steps=80, demos=0)
+    requests = [_request(images, 0), _request(images, 1, src="what animal is this", alt="dog")]
+    method.edit(peft_model, backbone, requests)
+    _, memory = _layers(peft_model)
+    assert memory.num_entries("default") == 2
+    own = memory.unike_kv_anchor_entry["default"]
+    # every request's own pairs train (none was frozen by the next request's entry)
+    assert memory.unike_kv_value["default"].shape[0] == own.numel() == memory.num_tokens("default")
+    assert sorted(set(own.tolist())) == [0.0, 1.0]
+    for i, request in enumerate(requests):
+        sample = edit_samples([request])[0]
+        logits, labels = _logits(peft_model, backbone, sample)
+        assert token_accuracy(logits, labels)[0].item() == 1.0, f"request {i} of the batch does not hold"

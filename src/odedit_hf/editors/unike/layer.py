@@ -205,7 +205,6 @@ class UniKEMemoryLayer(BaseTunerLayer):
             getattr(self, name)[adapter_name] = value.detach().to(old.device, torch.float32).clone()
         self.unike_encoder_ready[adapter_name] = torch.ones_like(self.unike_encoder_ready[adapter_name])
 
-    @torch.no_grad()
     def add_entry(
         self,
         adapter_name: str,
@@ -216,49 +215,72 @@ class UniKEMemoryLayer(BaseTunerLayer):
         trainable: bool = True,
         value_step: float = 1.0,
     ) -> None:
-        """Freeze the current values and add one entry: its own latent pairs ``keys``/``values`` ``(n, d)``
-        (the keys are also the entry's retrieval anchors; the values are trainable unless
-        ``trainable=False``) and ``fixed_keys`` ``(m, d)`` (pairs whose value is the key, e.g. retrieved
-        demonstrations; never trained, never anchors). The trainable values are stored in units of
+        """:meth:`add_entries` with one entry."""
+        self.add_entries(
+            adapter_name, [(keys, values, fixed_keys)], trainable=trainable, value_step=value_step
+        )
+
+    @torch.no_grad()
+    def add_entries(
+        self,
+        adapter_name: str,
+        entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+        *,
+        trainable: bool = True,
+        value_step: float = 1.0,
+    ) -> None:
+        """Freeze the current values and add the entries of one edit (one per request).
+
+        Each entry is ``(keys, values, fixed_keys)``: its own latent pairs ``(n, d)`` (the keys are also the
+        entry's retrieval anchors; the values are trainable unless ``trainable=False``) and ``fixed_keys``
+        ``(m, d)`` or ``None`` (pairs whose value is the key, e.g. retrieved demonstrations; never trained,
+        never anchors). The fixed pairs of all entries are appended first and their own pairs last, so
+        that this edit's trainable values are the last rows. They are stored in units of
         ``value_step · mean‖k‖ / √d`` (``unike_kv_gain``): an optimiser step of size ``lr`` per coordinate
-        then moves a value by about ``value_step · lr`` of its own typical coordinate."""
+        then moves a value by about ``value_step · lr`` of its own typical coordinate.
+        """
         if adapter_name not in self.unike_kv_key:
             raise ValueError(f"UniKE memory layer has no adapter {adapter_name!r}")
+        if not entries:
+            raise ValueError("UniKE memory: add_entries needs at least one entry")
         d = self.in_features
-        fixed = keys.new_zeros(0, d) if fixed_keys is None else fixed_keys
-        for name, t in (("keys", keys), ("values", values), ("fixed", fixed)):
-            if t.dim() != 2 or t.shape[1] != d:
-                raise ValueError(f"UniKE memory: {name} must have width {d}, got shape {tuple(t.shape)}")
-        if keys.shape != values.shape or keys.shape[0] == 0:
-            raise ValueError("UniKE memory: an entry needs as many keys as values, at least one")
         dev = self.unike_kv_key[adapter_name].device
-        entry = float(self.num_entries(adapter_name))
+        first = self.num_entries(adapter_name)
+        fixed_keys, fixed_ids, own_keys, own_values, own_ids = [], [], [], [], []
+        for offset, (keys, values, fixed) in enumerate(entries):
+            fixed = keys.new_zeros(0, d) if fixed is None else fixed
+            for name, t in (("keys", keys), ("values", values), ("fixed", fixed)):
+                if t.dim() != 2 or t.shape[1] != d:
+                    raise ValueError(f"UniKE memory: {name} must have width {d}, got shape {tuple(t.shape)}")
+            if keys.shape != values.shape or keys.shape[0] == 0:
+                raise ValueError("UniKE memory: an entry needs as many keys as values, at least one")
+            entry = float(first + offset)
+            fixed_keys.append(fixed.detach().to(dev, torch.float32))
+            fixed_ids.append(torch.full((fixed.shape[0],), entry, device=dev))
+            own_keys.append(keys.detach().to(dev, torch.float32))
+            own_values.append(values.detach().to(dev, torch.float32))
+            own_ids.append(torch.full((keys.shape[0],), entry, device=dev))
+        fixed_all, own_all, own_vals = torch.cat(fixed_keys), torch.cat(own_keys), torch.cat(own_values)
         current = self.unike_kv_value[adapter_name]
         old = (current * self.unike_kv_gain[adapter_name]).detach()
-        frozen = [self.unike_kv_value_frozen[adapter_name], old, fixed.to(dev)]
-        new_values = values.detach().to(dev, torch.float32)
-        gain = keys.detach().float().norm(dim=-1).mean().clamp_min(1e-6) * value_step / math.sqrt(d)
-        gain = gain.reshape(1).to(dev)
+        frozen = [self.unike_kv_value_frozen[adapter_name], old, fixed_all]
+        gain = own_all.norm(dim=-1).mean().clamp_min(1e-6) * value_step / math.sqrt(d)
+        gain = gain.reshape(1)
         if not trainable:
-            frozen.append(new_values)
-            new_values = new_values[:0]
-        self.unike_kv_value_frozen[adapter_name] = torch.cat(frozen, dim=0).float().clone()
+            frozen.append(own_vals)
+            own_vals = own_vals[:0]
+        self.unike_kv_value_frozen[adapter_name] = torch.cat(frozen, dim=0).clone()
         self.unike_kv_gain[adapter_name] = gain
         self.unike_kv_value[adapter_name] = nn.Parameter(
-            (new_values / gain).clone(), requires_grad=current.requires_grad
+            (own_vals / gain).clone(), requires_grad=current.requires_grad
         )
-        self.unike_kv_key[adapter_name] = torch.cat(
-            [self.unike_kv_key[adapter_name], fixed.to(dev), keys.to(dev)], dim=0
-        ).float()
-        n = fixed.shape[0] + keys.shape[0]
+        self.unike_kv_key[adapter_name] = torch.cat([self.unike_kv_key[adapter_name], fixed_all, own_all])
         self.unike_kv_entry[adapter_name] = torch.cat(
-            [self.unike_kv_entry[adapter_name], torch.full((n,), entry, device=dev)]
+            [self.unike_kv_entry[adapter_name], *fixed_ids, *own_ids]
         )
-        self.unike_kv_anchor[adapter_name] = torch.cat(
-            [self.unike_kv_anchor[adapter_name], keys.to(dev, torch.float32)], dim=0
-        )
+        self.unike_kv_anchor[adapter_name] = torch.cat([self.unike_kv_anchor[adapter_name], own_all])
         self.unike_kv_anchor_entry[adapter_name] = torch.cat(
-            [self.unike_kv_anchor_entry[adapter_name], torch.full((keys.shape[0],), entry, device=dev)]
+            [self.unike_kv_anchor_entry[adapter_name], *own_ids]
         )
 
     def adapter_state(self, adapter_name: str) -> dict[str, tuple[torch.Tensor, bool]]:

@@ -613,19 +613,14 @@ class UniKEMethod(Editor):
                 pending_memories.append(mem)
                 pending_states.append(x[:, :-1][is_target])
         if self.extrinsic:
+            entries = []
             for i in range(b):
                 own = mem_states[i, :-1][is_target[i]][-self.kv_tokens :]
                 fixed = None
                 if self.demos > 0 and sem_pool is not None:
                     fixed = self._nearest_demos(memory, adapter, own, sem_pool)
-                memory.add_entry(
-                    adapter,
-                    own,
-                    own.clone(),
-                    fixed_keys=fixed,
-                    trainable=self.train_kv,
-                    value_step=self.kv_step,
-                )
+                entries.append((own, own.clone(), fixed))
+            memory.add_entries(adapter, entries, trainable=self.train_kv, value_step=self.kv_step)
         self._pending = (
             _Pending(
                 weakref.ref(peft_model), adapter, keys, pending_queries, pending_memories, pending_states
