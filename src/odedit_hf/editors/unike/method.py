@@ -204,11 +204,11 @@ class UniKEMethod(Editor):
         encoder_lr: Adam learning rate of the heads.
         temperature: temperature of the contrastive loss.
         encoder_seed: seeds the heads' initialisation and batches.
-        steps: the most optimiser steps per edit.
-        lr: Adam learning rate of the edit.
+        steps: the most optimiser steps per edit (``none``: the variant's).
+        lr: Adam learning rate of the edit (``none``: the variant's).
         stop_loss: stop an edit once the target NLL is below this (``none``: run every step).
-        weight_decay: Adam weight decay.
-        max_grad_norm: clip the gradient norm to this value (``none``: no clipping).
+        weight_decay: Adam weight decay (``none``: the variant's, paper 0.01, code 0).
+        max_grad_norm: clip the gradient norm to this value (``none``: the variant's, paper 5, code 1.1).
     """
 
     variant: str = "paper"
