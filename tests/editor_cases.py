@@ -79,6 +79,9 @@ EDITOR_CASES: list[EditorCase] = [
         "tpatcher_",
         merge=False,
     ),
+    EditorCase(
+        "unike-llava", "llava", "unike", {"steps": 80, "train_up": True}, "UNIKE", "unike_", merge=False
+    ),
 ]
 
 #: Wrapper methods crossed with every wrappable editor row: (name, options of the wrapper).
