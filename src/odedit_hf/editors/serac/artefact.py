@@ -3,7 +3,8 @@
 Layout of ``DIR``:
 
 - ``serac_weights.safetensors``: ``classifier.proj_w`` ``(D, H)``, ``classifier.proj_b`` ``(D,)``,
-  ``classifier.log_scale`` ``()``, and per counterfactual linear module ``cf.<module name>.A`` / ``.B``;
+  ``classifier.log_scale`` ``()``, the copy head ``cf_head.copy_q`` / ``copy_k`` / ``gate_w`` / ``gate_b``
+  (when it has one), and per counterfactual linear module ``cf.<module name>.A`` / ``.B``;
 - ``serac_config.json``: ``format`` (:data:`ARTEFACT_FORMAT`), ``architecture`` (the adapter's shape:
   rank, alpha, proj_dim, hidden_size, cls_layer, similarity, embedding_module, cf_modules), ``threshold``,
   ``base_model`` (:func:`base_identity`), ``training`` (the training config and arguments) and
@@ -59,7 +60,9 @@ class Architecture:
     rank: int = 16
     alpha: float = 32.0
     proj_dim: int = 64
+    copy_dim: int = 32
     cls_layer: int = -1
+    pooling: str = "mean"
     similarity: str = "l2"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -71,7 +74,9 @@ class Architecture:
             "rank": self.rank,
             "alpha": self.alpha,
             "proj_dim": self.proj_dim,
+            "copy_dim": self.copy_dim,
             "cls_layer": self.cls_layer,
+            "pooling": self.pooling,
             "similarity": self.similarity,
         }
 

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-__all__ = ["SIMILARITIES", "SERACConfig"]
+__all__ = ["POOLINGS", "SIMILARITIES", "SERACConfig"]
 
+#: How the classifier pools a row's prompt states: their mean, or the last prompt position's state.
+POOLINGS: tuple[str, ...] = ("mean", "last")
 #: The scope classifier's similarities: ``"l2"`` (``exp(-scale * squared L2)``, EasyEdit's) or
 #: ``"cos"`` (``sigmoid(scale * (cos - 0.5))`` -- cosine mapped into (0, 1)).
 SIMILARITIES: tuple[str, ...] = ("l2", "cos")
@@ -51,8 +53,11 @@ class SERACConfig(PeftConfig):
         rank (`int`): rank of the counterfactual model's low-rank deltas.
         alpha (`float`): their scaling is ``alpha / rank``.
         proj_dim (`int`): width of the scope classifier's projection.
+        copy_dim (`int`): width of the counterfactual model's copy head (``0``: no copy head, the
+            counterfactual output is the delta-adapted model's own softmax).
         hidden_size (`int`): width of the pooled features (the language model's hidden size).
         cls_layer (`int`): which entry of the base model's ``hidden_states`` is pooled (``-1``: the last).
+        pooling (`str`): ``"mean"`` over the prompt positions or ``"last"`` (see :data:`POOLINGS`).
         similarity (`str`): ``"l2"`` or ``"cos"`` (see :data:`SIMILARITIES`).
         threshold (`float`): an input is in scope when its best similarity exceeds this (0.5).
     """
@@ -64,8 +69,10 @@ class SERACConfig(PeftConfig):
     rank: int = field(default=16, metadata={"help": "Rank of the counterfactual deltas."})
     alpha: float = field(default=32.0, metadata={"help": "Scaling alpha / rank of the deltas."})
     proj_dim: int = field(default=64, metadata={"help": "Width of the classifier's projection."})
+    copy_dim: int = field(default=32, metadata={"help": "Width of the copy head (0: none)."})
     hidden_size: int = field(default=0, metadata={"help": "Width of the pooled features."})
     cls_layer: int = field(default=-1, metadata={"help": "hidden_states entry the classifier pools."})
+    pooling: str = field(default="mean", metadata={"help": "'mean' or 'last'."})
     similarity: str = field(default="l2", metadata={"help": "'l2' or 'cos'."})
     threshold: float = field(default=0.5, metadata={"help": "In scope when the similarity exceeds it."})
 
@@ -90,9 +97,12 @@ class SERACConfig(PeftConfig):
         self.rank = _check_int("rank", self.rank, minimum=1)
         self.alpha = _check_float("alpha", self.alpha, low=0.0)
         self.proj_dim = _check_int("proj_dim", self.proj_dim, minimum=1)
+        self.copy_dim = _check_int("copy_dim", self.copy_dim, minimum=0)
         self.hidden_size = _check_int("hidden_size", self.hidden_size, minimum=1)
         if isinstance(self.cls_layer, bool) or not isinstance(self.cls_layer, int):
             raise ValueError(f"SERACConfig.cls_layer must be an int, got {self.cls_layer!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"SERACConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"SERACConfig.similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         self.threshold = _check_float("threshold", self.threshold, low=0.0, high=1.0)

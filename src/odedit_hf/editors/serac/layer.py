@@ -16,6 +16,9 @@ State per adapter name (every tensor's name holds ``serac_``, so peft's ``save_p
   a wrapped prompt (pooling stops after the last one), set at the first edit;
 - classifier (parameters, trained by :mod:`.trainer`): ``serac_proj_w`` ``(D, H)``, ``serac_proj_b``
   ``(D,)``, ``serac_log_scale`` ``()``;
+- the counterfactual model's copy head (parameters, on :class:`Embedding`; absent when ``copy_dim`` is
+  0): ``serac_copy_q`` / ``serac_copy_k`` ``(C, H)`` (attention of each query position over the cached
+  context's positions), ``serac_gate_w`` ``(H,)``, ``serac_gate_b`` ``()`` (the copy gate);
 - counterfactual deltas (parameters): ``serac_A`` ``(r, in)``, ``serac_B`` ``(out, r)`` (``B`` starts at
   zero), scaled by ``alpha / r``.
 """
@@ -44,6 +47,8 @@ __all__ = ["CACHE_BUFFERS", "Embedding", "Linear", "SERACLayer"]
 CACHE_BUFFERS: tuple[str, ...] = ("serac_cache_ids", "serac_cache_feat", "serac_markers")
 #: The classifier's parameter dicts (on :class:`Embedding`).
 CLASSIFIER_PARAMS: tuple[str, ...] = ("serac_proj_w", "serac_proj_b", "serac_log_scale")
+#: The copy head's parameter dicts (on :class:`Embedding`).
+COPY_PARAMS: tuple[str, ...] = ("serac_copy_q", "serac_copy_k", "serac_gate_w", "serac_gate_b")
 
 NOT_MERGEABLE = (
     "SERAC adapters cannot be merged into the base weights: a SERAC edit is a cache entry routed to a "
@@ -88,7 +93,15 @@ class SERACLayer(BaseTunerLayer):
 class Embedding(nn.Module, SERACLayer):
     """The cache and the scope classifier on an ``nn.Embedding``; its forward is the embedding's."""
 
-    other_param_names = (*CACHE_BUFFERS, *CLASSIFIER_PARAMS, "serac_cls_layer", "serac_similarity")
+    other_param_names = (
+        *CACHE_BUFFERS,
+        *CLASSIFIER_PARAMS,
+        *COPY_PARAMS,
+        "serac_cls_layer",
+        "serac_similarity",
+        "serac_threshold",
+        "serac_pooling",
+    )
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SERACConfig, **kwargs: Any) -> None:
         super().__init__()
@@ -105,9 +118,12 @@ class Embedding(nn.Module, SERACLayer):
         self.serac_proj_w = nn.ParameterDict({})
         self.serac_proj_b = nn.ParameterDict({})
         self.serac_log_scale = nn.ParameterDict({})
+        for name in COPY_PARAMS:
+            setattr(self, name, nn.ParameterDict({}))
         self.serac_cls_layer: dict[str, int] = {}
         self.serac_similarity: dict[str, str] = {}
         self.serac_threshold: dict[str, float] = {}
+        self.serac_pooling: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
@@ -121,6 +137,7 @@ class Embedding(nn.Module, SERACLayer):
         self.serac_cls_layer[adapter_name] = config.cls_layer
         self.serac_similarity[adapter_name] = config.similarity
         self.serac_threshold[adapter_name] = config.threshold
+        self.serac_pooling[adapter_name] = config.pooling
         weight = torch.empty(config.proj_dim, config.hidden_size, device=device)
         nn.init.orthogonal_(weight)
         self.serac_proj_w[adapter_name] = nn.Parameter(weight, requires_grad=False)
@@ -128,6 +145,20 @@ class Embedding(nn.Module, SERACLayer):
             torch.zeros(config.proj_dim, device=device), requires_grad=False
         )
         self.serac_log_scale[adapter_name] = nn.Parameter(torch.zeros((), device=device), requires_grad=False)
+        for name in COPY_PARAMS:
+            if adapter_name in getattr(self, name):
+                del getattr(self, name)[adapter_name]
+        if config.copy_dim > 0:
+            std = config.hidden_size**-0.5
+            for name in ("serac_copy_q", "serac_copy_k"):
+                value = torch.randn(config.copy_dim, config.hidden_size, device=device) * std
+                getattr(self, name)[adapter_name] = nn.Parameter(value, requires_grad=False)
+            self.serac_gate_w[adapter_name] = nn.Parameter(
+                torch.zeros(config.hidden_size, device=device), requires_grad=False
+            )
+            self.serac_gate_b[adapter_name] = nn.Parameter(
+                torch.zeros((), device=device), requires_grad=False
+            )
         self.load_cache(adapter_name, self.empty_cache())
         self.set_adapter(self.active_adapters)
 
@@ -173,6 +204,43 @@ class Embedding(nn.Module, SERACLayer):
     # ------------------------------------------------------------------ classifier
     def classifier_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         return [getattr(self, name)[adapter_name] for name in CLASSIFIER_PARAMS]
+
+    def copy_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """The copy head's parameters (none when the adapter has no copy head)."""
+        return [
+            getattr(self, name)[adapter_name] for name in COPY_PARAMS if adapter_name in getattr(self, name)
+        ]
+
+    def copy_logprobs(
+        self,
+        adapter_name: str,
+        lm_logits: torch.Tensor,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        key_ids: torch.Tensor,
+        key_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The counterfactual model's output ``log((1 - g) softmax(lm_logits) + g copy)`` (a pointer-generator
+        over the cached context): ``copy`` is the attention of every query position's hidden state
+        ``(B, T, H)`` over the context positions' ``keys`` ``(B, L, H)`` (``key_mask`` ``(B, L)``), scattered
+        onto the context's token ids ``key_ids`` ``(B, L)``; ``g = sigmoid(gate_w . h + gate_b)``. Without a
+        copy head: ``log_softmax(lm_logits)``."""
+        logp = lm_logits.float().log_softmax(-1)
+        if adapter_name not in self.serac_copy_q:
+            return logp
+        q = queries.float() @ self.serac_copy_q[adapter_name].T
+        k = keys.float() @ self.serac_copy_k[adapter_name].T
+        att = (q @ k.transpose(1, 2)) * q.shape[-1] ** -0.5
+        att = att.masked_fill(~key_mask[:, None, :], float("-inf")).softmax(-1)
+        att = torch.nan_to_num(att, nan=0.0)  # a row without context copies nothing
+        copy = torch.zeros_like(logp).scatter_add_(
+            -1, key_ids.clamp_min(0)[:, None, :].expand(-1, att.shape[1], -1), att
+        )
+        gate = torch.sigmoid(
+            queries.float() @ self.serac_gate_w[adapter_name] + self.serac_gate_b[adapter_name]
+        )
+        gate = gate.clamp(1e-6, 1 - 1e-6)[..., None]
+        return torch.logaddexp(torch.log1p(-gate) + logp, gate.log() + copy.clamp_min(1e-30).log())
 
     def project(self, adapter_name: str, features: torch.Tensor) -> torch.Tensor:
         """The classifier's embedding ``(n, D)`` of pooled features ``(n, H)``."""

@@ -107,7 +107,9 @@ def default_architecture(
     rank: int = 16,
     alpha: float = 32.0,
     proj_dim: int = 64,
+    copy_dim: int = 32,
     cls_layer: int = -1,
+    pooling: str = "mean",
     similarity: str = "l2",
     cf_layers: Sequence[int] | None = None,
 ) -> Architecture:
@@ -138,7 +140,9 @@ def default_architecture(
         rank=rank,
         alpha=alpha,
         proj_dim=proj_dim,
+        copy_dim=copy_dim,
         cls_layer=cls_layer,
+        pooling=pooling,
         similarity=similarity,
     )
 
@@ -152,8 +156,10 @@ def peft_config_for(architecture: Architecture, threshold: float) -> SERACConfig
         rank=architecture.rank,
         alpha=architecture.alpha,
         proj_dim=architecture.proj_dim,
+        copy_dim=architecture.copy_dim,
         hidden_size=architecture.hidden_size,
         cls_layer=architecture.cls_layer,
+        pooling=architecture.pooling,
         similarity=architecture.similarity,
         threshold=threshold,
     )
@@ -161,20 +167,27 @@ def peft_config_for(architecture: Architecture, threshold: float) -> SERACConfig
 
 def adapter_tensors(peft_model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
     """The trained tensors of an adapter in the artefact's naming (see :mod:`.artefact`)."""
-    from .layer import Linear
-
     tuner = serac_tuner(peft_model)
     layer = serac_layer(peft_model, adapter_name)
+    return {k: v.detach().clone() for k, v in _named_tensors(tuner, layer, adapter_name).items()}
+
+
+def _named_tensors(tuner: Any, layer: Any, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+    from .layer import COPY_PARAMS, Linear
+
     out = {
         "classifier.proj_w": layer.serac_proj_w[adapter_name],
         "classifier.proj_b": layer.serac_proj_b[adapter_name],
         "classifier.log_scale": layer.serac_log_scale[adapter_name],
     }
+    for name in COPY_PARAMS:
+        if adapter_name in getattr(layer, name):
+            out[f"cf_head.{name.removeprefix('serac_')}"] = getattr(layer, name)[adapter_name]
     for name, module in tuner.model.named_modules():
         if isinstance(module, Linear) and adapter_name in module.serac_A:
             out[f"cf.{name}.A"] = module.serac_A[adapter_name]
             out[f"cf.{name}.B"] = module.serac_B[adapter_name]
-    return {k: v.detach().clone() for k, v in out.items()}
+    return out
 
 
 def load_adapter_tensors(
@@ -188,19 +201,7 @@ def load_adapter_tensors(
             f"SERAC: the editor weights at {where} do not fit this adapter (missing {missing[:3]}, unexpected "
             f"{extra[:3]}); build the adapter from the artefact's architecture (SERACMethod.peft_config)"
         )
-    tuner = serac_tuner(peft_model)
-    layer = serac_layer(peft_model, adapter_name)
-    from .layer import Linear
-
-    targets = {
-        "classifier.proj_w": layer.serac_proj_w[adapter_name],
-        "classifier.proj_b": layer.serac_proj_b[adapter_name],
-        "classifier.log_scale": layer.serac_log_scale[adapter_name],
-    }
-    for name, module in tuner.model.named_modules():
-        if isinstance(module, Linear) and adapter_name in module.serac_A:
-            targets[f"cf.{name}.A"] = module.serac_A[adapter_name]
-            targets[f"cf.{name}.B"] = module.serac_B[adapter_name]
+    targets = _named_tensors(serac_tuner(peft_model), serac_layer(peft_model, adapter_name), adapter_name)
     with torch.no_grad():
         for key, param in targets.items():
             if tuple(param.shape) != tuple(tensors[key].shape):

@@ -5,13 +5,14 @@ transformers model. When the active adapter's cache holds an edit, a forward run
 
 1. the base model's own forward on the caller's inputs (asked for ``output_hidden_states``); its hidden
    states ``hidden_states[cls_layer]`` -- the fused image + text states of the language model -- are
-   mean-pooled over each row's prompt (its real tokens up to the last answer marker, so the target tokens
+   pooled (``pooling``: the mean, or the last prompt position's state) over each row's prompt (its real tokens up to the last answer marker, so the target tokens
    of a teacher-forced row never choose the route; the markers are cached at the first edit);
 2. the scope classifier scores each row against every cached edit (:meth:`~.layer.Embedding.similarity`);
    ``s`` is the best score, the edit reaching it is the row's context;
 3. hard routing (inference): rows with ``s > threshold`` get the counterfactual model's logits, the others
    keep the base logits bit for bit. The counterfactual model is the base model with the low-rank deltas
-   of :class:`~.layer.Linear` switched on, fed ``[cached edit text ; query]`` -- the context tokens are
+   of :class:`~.layer.Linear` switched on and a copy head (a pointer over the cached text's tokens), fed
+   ``[cached edit text ; query]`` -- the context tokens are
    inserted right after the row's BOS, before the prompt and its image placeholders, and the row keeps its
    own image (``pixel_values`` pass through): unlike EasyEdit's SERAC_MULTI, the counterfactual model sees
    the query's image through the backbone's own (trained) projector. Its logits are gathered back to the
@@ -21,7 +22,8 @@ transformers model. When the active adapter's cache holds an edit, a forward run
    logits and the scores stay on the tuner (:attr:`SERACModel.last_base_logits`, :attr:`last_scores`).
 
 With an empty cache, ``disable_adapter()``, or no SERAC adapter active, the forward is the base model's,
-bit for bit. Only full teacher-forced forwards are routed (no ``inputs_embeds`` / KV cache).
+bit for bit. Only full teacher-forced forwards are routed (no ``inputs_embeds`` / KV cache); with ``labels``
+the returned ``loss`` is the routed output's mean target NLL.
 """
 
 from __future__ import annotations
@@ -63,26 +65,35 @@ def _prompt_end(ids: Sequence[int], markers: Sequence[Sequence[int]]) -> int:
 
 
 def pooled_features(
-    hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, markers: Sequence[Sequence[int]]
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    markers: Sequence[Sequence[int]],
+    pooling: str = "mean",
 ) -> torch.Tensor:
-    """``(B, H)`` float32 mean of ``hidden`` ``(B, T, H)`` over each row's prompt positions (its real tokens,
-    image placeholders included, up to the last answer marker)."""
+    """``(B, H)`` float32 features of ``hidden`` ``(B, T, H)`` over each row's prompt positions (its real
+    tokens, image placeholders included, up to the last answer marker): their mean (``"mean"``) or the
+    last one's state (``"last"``, the state that predicts the answer)."""
     weights = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
     for r in range(input_ids.shape[0]):
         real = mask[r].nonzero().flatten()
         if real.numel() == 0:
             continue
         cut = _prompt_end(input_ids[r, real].tolist(), markers)
-        weights[r, real[:cut]] = 1.0 / cut
+        if pooling == "last":
+            weights[r, real[cut - 1]] = 1.0
+        else:
+            weights[r, real[:cut]] = 1.0 / cut
     return torch.einsum("bt,bth->bh", weights, hidden.float())
 
 
 def prefix_inputs(
     kwargs: dict[str, Any], contexts: Sequence[Sequence[int]], bos: int | None
-) -> tuple[dict[str, Any], torch.Tensor]:
-    """The forward kwargs with each row's context tokens inserted right after its BOS, and the ``(B, T)``
-    index of the original positions in the new rows (for gathering the logits back). Rows stay
-    right-padded (``attention_mask`` 0), so real tokens keep positions ``0..n-1``."""
+) -> tuple[dict[str, Any], torch.Tensor, list[int]]:
+    """The forward kwargs with each row's context tokens inserted right after its BOS, the ``(B, T)``
+    index of the original positions in the new rows (for gathering the logits back) and where each row's
+    context starts. Rows stay right-padded (``attention_mask`` 0), so real tokens keep positions
+    ``0..n-1``."""
     input_ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(input_ids)
@@ -120,7 +131,7 @@ def prefix_inputs(
                 out[r, at : at + n] = 1
         index[r] = torch.where(positions < at, positions, positions + n)
     new_kwargs.update(outs)
-    return new_kwargs, index
+    return new_kwargs, index, inserts
 
 
 class SERACModel(BaseTuner):
@@ -134,6 +145,8 @@ class SERACModel(BaseTuner):
             last forward was not routed); differentiable w.r.t. the classifier in soft mode.
         last_routes: ``(B,)`` bool, the rows the last routed forward sent to the counterfactual model.
         last_base_logits: the base logits of the last routed forward (soft mode only).
+        last_cf_logprobs: the counterfactual model's log-probabilities of every row of the last routed
+            forward (soft mode only).
     """
 
     prefix: str = "serac_"
@@ -146,6 +159,7 @@ class SERACModel(BaseTuner):
         self.last_scores: torch.Tensor | None = None
         self.last_routes: torch.Tensor | None = None
         self.last_base_logits: torch.Tensor | None = None
+        self.last_cf_logprobs: torch.Tensor | None = None
         self._pending: tuple[dict[str, Any], bool] | None = None
         self._bypassed = False
         self._hooks = [
@@ -287,17 +301,40 @@ class SERACModel(BaseTuner):
         if mask is None:
             mask = torch.ones_like(input_ids)
         states = hidden[layer.serac_cls_layer[adapter]]
-        return pooled_features(states.detach(), input_ids, mask, self.markers(layer, adapter))
+        return pooled_features(
+            states.detach(), input_ids, mask, self.markers(layer, adapter), layer.serac_pooling[adapter]
+        )
 
     def counterfactual_logits(
-        self, kwargs: dict[str, Any], contexts: Sequence[Sequence[int]]
+        self, kwargs: dict[str, Any], contexts: Sequence[Sequence[int]], adapter: str | None = None
     ) -> torch.Tensor:
-        """``(B, T, V)`` logits of the counterfactual model on ``[context ; row]`` at the rows' own positions."""
-        new_kwargs, index = prefix_inputs(kwargs, contexts, self._bos_id())
-        new_kwargs.pop("output_hidden_states", None)
+        """``(B, T, V)`` log-probabilities of the counterfactual model on ``[context ; row]`` at the rows' own
+        positions: the delta-adapted model's softmax mixed with its copy head's distribution over the
+        context's tokens (:meth:`~.layer.Embedding.copy_logprobs`)."""
+        layer, adapter = self.serac_embedding(adapter)
+        if layer is None:
+            raise ValueError("SERAC: no active SERAC adapter for the counterfactual model")
+        new_kwargs, index, starts = prefix_inputs(kwargs, contexts, self._bos_id())
+        new_kwargs["output_hidden_states"] = True
         with self.counterfactual():
-            logits = self.model(**new_kwargs).logits
-        return logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]).to(logits.device))
+            out = self.model(**new_kwargs)
+        device = out.logits.device
+        index = index.to(device)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+        hidden = out.hidden_states[-1]
+        width = max(len(c) for c in contexts)
+        span = torch.arange(width, device=device)
+        lengths = torch.tensor([len(c) for c in contexts], device=device)
+        key_mask = span[None, :] < lengths[:, None]
+        key_pos = (torch.tensor(starts, device=device)[:, None] + span[None, :]).clamp_max(
+            hidden.shape[1] - 1
+        )
+        keys = hidden.gather(1, key_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        key_ids = new_kwargs["input_ids"].to(device).gather(1, key_pos).masked_fill(~key_mask, 0)
+        return layer.copy_logprobs(adapter, gather(out.logits), gather(hidden), keys, key_ids, key_mask)
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -333,6 +370,8 @@ class SERACModel(BaseTuner):
         if pending is None:
             return None
         call, want_hidden = pending
+        if getattr(output, "logits", None) is None or getattr(output, "hidden_states", None) is None:
+            raise ValueError("SERAC routes forwards that return a ModelOutput with logits (return_dict=True)")
         layer, adapter = self.serac_embedding()
         feats = self._features(layer, adapter, output.hidden_states, call)
         sims = layer.similarity(adapter, feats, layer.serac_cache_feat[adapter])
@@ -341,13 +380,14 @@ class SERACModel(BaseTuner):
         contexts = [unpad_row(cache_ids[i]) for i in best.tolist()]
         base_logits = output.logits
         if self.soft:
-            cf = self.counterfactual_logits(call, contexts)
+            cf = self.counterfactual_logits(call, contexts, adapter)
             s = scores.clamp(1e-6, 1 - 1e-6).to(torch.float32)[:, None, None]
             mixed = torch.logaddexp(
                 torch.log1p(-s) + torch.log_softmax(base_logits.float(), -1),
-                torch.log(s) + torch.log_softmax(cf.float(), -1),
+                torch.log(s) + cf,
             )
             self.last_base_logits = base_logits
+            self.last_cf_logprobs = cf
             self.last_routes = scores.detach() > layer.serac_threshold[adapter]
             output["logits"] = mixed
         else:
@@ -355,11 +395,18 @@ class SERACModel(BaseTuner):
             self.last_base_logits = None
             self.last_routes = routes.detach()
             if bool(routes.any()):
-                cf = self.counterfactual_logits(call, contexts)
+                cf = self.counterfactual_logits(call, contexts, adapter)
                 output["logits"] = torch.where(
                     routes[:, None, None].to(cf.device), cf.to(base_logits.dtype), base_logits
                 )
         self.last_scores = scores
+        labels = call.get("labels")
+        if isinstance(labels, torch.Tensor) and getattr(output, "loss", None) is not None:
+            from odedit_hf.editing.loss import nll_from_logits
+
+            output["loss"] = nll_from_logits(
+                output.logits, labels
+            )  # the routed output's loss, not the base's
         if not want_hidden:
             output["hidden_states"] = None
         return output

@@ -19,7 +19,7 @@ record (so the counterfactual model learns to read the answer from the cached te
 memorise the split's answers). Validation batches are the records as they are.
 
 Evaluation reports ``eval_loss`` and, over the validation split, ``eval_scope_acc`` (the hard switch's
-accuracy: in-scope rows above the threshold, locality rows below) and ``eval_cf_acc`` (token accuracy of
+accuracy: in-scope rows above the threshold, locality rows below; also per group, ``eval_scope_acc_<group>``) and ``eval_cf_acc`` (token accuracy of
 the hard-routed output on the rephrase and image-rephrase rows); early stopping watches ``eval_loss``
 and the best evaluation's weights are restored at the end.
 """
@@ -70,7 +70,10 @@ class SERACTrainingConfig:
         rank, alpha: the counterfactual model's low-rank deltas (scaling ``alpha / rank``).
         cf_layers: decoder layers whose linear modules get deltas (``None``: all).
         proj_dim: the scope classifier's projection width.
+        copy_dim: the counterfactual model's copy head width (``0``: none).
         cls_layer: the ``hidden_states`` entry the classifier pools (``-1``: the last).
+        pooling: ``"last"`` (the last prompt position's state; default, see docs/editors/serac.md for the
+            measurement) or ``"mean"`` (the mean over the prompt positions).
         similarity: ``"l2"`` (``exp(-scale * squared L2)``, EasyEdit) or ``"cos"``.
         threshold: the scope threshold used at inference and by ``eval_scope_acc``.
         rephrase_weight, image_rephrase_weight, loc_weight: EasyEdit's loss weights (0.1, 0.1, 1.0).
@@ -87,7 +90,9 @@ class SERACTrainingConfig:
     alpha: float = 32.0
     cf_layers: list[int] | None = None
     proj_dim: int = 64
+    copy_dim: int = 32
     cls_layer: int = -1
+    pooling: str = "last"
     similarity: str = "l2"
     threshold: float = 0.5
     rephrase_weight: float = 0.1
@@ -336,10 +341,13 @@ class SERACTrainer(Trainer):
         correct = routed if group in _POSITIVE else ~routed
         stats["scope_hits"] += float(correct.sum())
         stats["scope_rows"] += float(correct.numel())
+        stats[f"scope_hits_{group}"] = stats.get(f"scope_hits_{group}", 0.0) + float(correct.sum())
+        stats[f"scope_rows_{group}"] = stats.get(f"scope_rows_{group}", 0.0) + float(correct.numel())
         if group in _POSITIVE:
             # the hard switch's output: counterfactual logits where routed, base logits elsewhere
             base = tuner.last_base_logits.detach()
-            hard = torch.where(routed[:, None, None], mixed, base.float().log_softmax(-1))
+            cf = tuner.last_cf_logprobs.detach()
+            hard = torch.where(routed[:, None, None], cf, base.float().log_softmax(-1))
             acc, _ = token_accuracy(hard, labels)
             stats["cf_acc_sum"] += float(acc.sum())
             stats["cf_rows"] += labels.shape[0]
@@ -360,6 +368,11 @@ class SERACTrainer(Trainer):
         prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
         if stats["scope_rows"]:
             output.metrics[f"{prefix}_scope_acc"] = stats["scope_hits"] / stats["scope_rows"]
+        for group in (*_POSITIVE, *_NEGATIVE):
+            if stats.get(f"scope_rows_{group}"):
+                output.metrics[f"{prefix}_scope_acc_{group}"] = (
+                    stats[f"scope_hits_{group}"] / stats[f"scope_rows_{group}"]
+                )
         if stats["cf_rows"]:
             output.metrics[f"{prefix}_cf_acc"] = stats["cf_acc_sum"] / stats["cf_rows"]
         return output
@@ -468,7 +481,9 @@ def train_serac(
         rank=config.rank,
         alpha=config.alpha,
         proj_dim=config.proj_dim,
+        copy_dim=config.copy_dim,
         cls_layer=config.cls_layer,
+        pooling=config.pooling,
         similarity=config.similarity,
         cf_layers=config.cf_layers,
     )
@@ -486,6 +501,9 @@ def train_serac(
         deltas = [
             p for m in peft_model.modules() if isinstance(m, Linear) for p in m.delta_parameters(adapter)
         ]
+        classifier = classifier + layer.copy_parameters(
+            adapter
+        )  # the copy head learns at the classifier's rate
         for p in [*classifier, *deltas]:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(
