@@ -100,7 +100,7 @@ class SERACTrainingConfig:
     loc_weight: float = 1.0
     m_loc_weight: float = 1.0
     bce_weight: float = 1.0
-    classifier_lr_scale: float = 10.0
+    classifier_lr_scale: float = 1.0
     val_fraction: float = 0.2
     alt_resample: float = 0.5
     early_stopping_patience: int = 5
