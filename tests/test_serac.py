@@ -295,3 +295,56 @@ def test_protocols_run_serac_end_to_end(artefact, requests):  # noqa: ANN001
     sequential = run_protocol("sequential", method, backbone, list(requests))
     assert all(r.final is not None for r in sequential.results)
     assert not hasattr(backbone.model, "peft_config") and not backbone.model._forward_pre_hooks
+
+
+def test_text_only_records_on_a_text_only_decoder(tmp_path):  # noqa: ANN001
+    """ZsRE-style records on a tiny Llama: training has no image groups, the edit caches the text prompt,
+    locality goes to the base model, and the protocols roll back (hash checked)."""
+    from odedit_hf.data import load_edits
+    from odedit_hf.editors.serac import SERACTrainingArguments, SERACTrainingConfig, train_serac
+    from odedit_hf.evaluation import run_protocol
+
+    def zsre(i: int, target: str) -> dict:
+        return {
+            "prompt": "the capital of france is",
+            "target_new": target,
+            "ground_truth": "paris",
+            "rephrase_prompt": "the capital city of france is",
+            "locality_prompt": "the sky over the sea is",
+            "locality_ground_truth": "grey",
+            "subject": "france",
+            "case_id": i,
+        }
+
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps([zsre(0, "blue"), zsre(1, "grey")]))
+    requests = list(load_edits(path))
+    texts = [
+        "the capital of france is",
+        "the capital city of france is",
+        "the sky over the sea is",
+        "blue grey",
+    ]
+    llama = tiny_backbone("llama", seed=0, texts=texts)
+    args = SERACTrainingArguments(
+        output_dir=str(tmp_path / "trainer"), max_steps=1, eval_steps=1, logging_steps=1, disable_tqdm=True
+    )
+    artefact = train_serac(llama, requests, str(tmp_path / "serac"), SERACTrainingConfig(rank=2), args)
+    method = get_method("serac", editor_weights=artefact)
+    peft_model = get_peft_model(llama.model, method.peft_config(llama))
+    method.edit(peft_model, llama, requests[:1])
+    samples = eval_samples(requests[0])
+    assert "m_generality" not in samples
+    batch = llama.build_batch([samples["reliability"], samples["t_locality"]])
+    with peft_model.disable_adapter():
+        base = _logits(peft_model, batch)
+    routed = _logits(peft_model, batch)
+    tuner = peft_model.base_model
+    assert tuner.last_routes[0].item() and tuner.last_scores[0].item() == pytest.approx(1.0)
+    assert tuner.last_routes.tolist() == [True, False], tuner.last_scores
+    assert torch.equal(routed[1], base[1]) and not torch.equal(routed[0], base[0])
+    peft_model.unload()
+    before = BaseWeights(llama.model).digest()
+    run = run_protocol("sequential", method, llama, requests)
+    assert all(r.final is not None for r in run.results)
+    assert BaseWeights(llama.model).digest() == before
