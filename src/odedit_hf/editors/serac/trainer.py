@@ -403,6 +403,7 @@ def _init_scale(
     then vanish)."""
     import math
 
+    from odedit_hf.editing.editor import model_device
     from odedit_hf.editing.samples import edit_samples
 
     tuner = serac_tuner(peft_model)
@@ -411,7 +412,8 @@ def _init_scale(
         group = [r for r in records[start : start + batch_size] if not r.text_only] or list(
             records[start : start + batch_size]
         )
-        feats.append(tuner.base_features(adapter, backbone.build_batch(edit_samples(group))))
+        batch = backbone.build_batch(edit_samples(group), device=model_device(peft_model))
+        feats.append(tuner.base_features(adapter, batch))
     with torch.no_grad():
         proj = layer.project(adapter, torch.cat(feats))
         if layer.serac_similarity[adapter] != "l2" or proj.shape[0] < 2:
