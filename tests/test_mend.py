@@ -44,7 +44,8 @@ def mend_artefact(micro_world, tmp_path_factory):  # noqa: ANN001
 def micro_requests(micro_world):  # noqa: ANN001
     from odedit_hf.data import load_mmedit
 
-    return list(load_mmedit(micro_world.vqa_eval, micro_world.image_root, micro_world.rephrase_image_root))
+    roots = (micro_world.image_root, micro_world.rephrase_image_root)
+    return [r for path in (micro_world.vqa_eval, micro_world.caption_eval) for r in load_mmedit(path, *roots)]
 
 
 # ------------------------------------------------------------------ the hypernetwork
@@ -54,7 +55,8 @@ def test_untrained_network_is_the_identity_and_a_descent_step():
     net = MENDNet(MENDNetConfig(modules=["a", "b"], shapes=[[6, 4], [6, 4]], rank=3, edit_lr=0.5))
     assert len(net.transforms) == 1, "same-shape modules share one transform"
     u, d = torch.randn(5, 6), torch.randn(5, 4)
-    a, b = net.factors(1, u, d)
+    with torch.no_grad():
+        a, b = net.factors(1, u, d)
     rms = lambda t: t.pow(2).mean().sqrt()  # noqa: E731
     torch.testing.assert_close(a, u / rms(u), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b, -(0.5 * d / rms(d)).T, rtol=1e-5, atol=1e-6)

@@ -49,8 +49,8 @@ def not_trainable_reason(method: str) -> str | None:
         )
     if method == "ike":
         return (
-            "IKE has no training step: its demonstration index is built from the train split when the first "
-            "edit runs and cached on disk (odedit-hf edit --method ike --ike.demos world:tiny:0 or --ike.demos "
+            "IKE has no training step: its demonstration index is built from the train split at edit time (the first "
+            "edit) and cached on disk (odedit-hf edit --method ike --ike.demos world:tiny:0 or --ike.demos "
             "TRAIN_FILE; see docs/editors/ike.md)"
         )
     from odedit_hf.editing import available_methods, method_class

@@ -81,7 +81,7 @@ class MENDTrainingArguments(TrainingArguments):
     )
     # TrainingArguments defaults changed for MEND
     learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate of the hypernetwork."})
-    num_train_epochs: float = field(default=8.0, metadata={"help": "Epochs over the train split."})
+    num_train_epochs: float = field(default=5.0, metadata={"help": "Epochs over the train split."})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Edits per step (a batch edit)."})
     per_device_eval_batch_size: int = field(default=1, metadata={"help": "Edits per evaluation step."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "MEND uses a constant rate."})
@@ -143,6 +143,7 @@ class MENDCollator:
         return {
             "edit_inputs": self.backbone.build_batch(edit_samples(list(requests))),
             "groups": build_edit_batch(self.backbone, list(requests), GROUPS),
+            "keys": tuple((str(r.source), str(r.task), int(r.case_id)) for r in requests),
         }
 
 
@@ -239,6 +240,7 @@ class MENDTrainer(Trainer):
         self.add_callback(_KeepBest(self))
         self._sums: dict[str, float] = {}
         self._count = 0
+        self._pre_cache: dict[Any, dict[str, torch.Tensor]] = {}
         self._eval_sums: dict[str, float] = {}
         self._eval_count = 0
         self.best_metric: float | None = None
@@ -294,14 +296,21 @@ class MENDTrainer(Trainer):
         device = self.args.device
         edit_inputs = {k: v.to(device) for k, v in inputs["edit_inputs"].items()}
         groups = inputs["groups"].to(device)
-        rows, _ = token_rows(self.backbone, edit_inputs, self.layers)
-        with torch.no_grad():
-            pre = run_groups(self._forward, self.backbone, groups)
-        with contextlib.ExitStack() as stack:
-            for index, (layer, (u, d)) in enumerate(zip(self.layers, rows)):
-                a, b = self.net.factors(index, u.to(device), d.to(device))
-                stack.enter_context(layer.pending(a, b))
-            post = run_groups(self._forward, self.backbone, groups)
+        with self.backbone.frozen_vision_cache():  # the frozen tower runs once per image batch
+            rows, _ = token_rows(self.backbone, edit_inputs, self.layers)
+            key = inputs.get("keys")
+            pre = self._pre_cache.get(key) if key is not None else None
+            if pre is None:  # the base model never changes: its locality predictions are cached per request
+                with torch.no_grad():
+                    outs = run_groups(self._forward, self.backbone, groups)
+                pre = {g: outs[g].answer_logits.detach() for g in _LOC_GROUPS if g in outs}
+                if key is not None:
+                    self._pre_cache[key] = pre
+            with contextlib.ExitStack() as stack:
+                for index, (layer, (u, d)) in enumerate(zip(self.layers, rows)):
+                    a, b = self.net.factors(index, u.to(device), d.to(device))
+                    stack.enter_context(layer.pending(a, b))
+                post = run_groups(self._forward, self.backbone, groups)
         nlls, accs = [], []
         for g in _EDIT_GROUPS:
             if g in post:
@@ -311,7 +320,7 @@ class MENDTrainer(Trainer):
         kls, agree = [], []
         for g in _LOC_GROUPS:
             if g in post:
-                p0 = F.log_softmax(pre[g].answer_logits.float(), dim=-1)
+                p0 = F.log_softmax(pre[g].float(), dim=-1)
                 p1 = F.log_softmax(post[g].answer_logits.float(), dim=-1)
                 kls.append(F.kl_div(p1, p0, log_target=True, reduction="batchmean"))
                 agree.append((p0.argmax(-1) == p1.argmax(-1)).float().mean())
