@@ -31,7 +31,13 @@ ACCEPTS_METHOD_OPTIONS = True
 def add_parser(
     subparsers: Any, name: str = "train-editor", help: str | None = None
 ) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(name, help=help, description=__doc__.split("\n\n")[0])
+    parser = subparsers.add_parser(
+        name,
+        help=help,
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 3)[-1].replace("``", "'"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--method", required=True, help="the editor to train: mend (serac: not built yet)")
     parser.add_argument("--model", required=True, help="the base model folder or Hub id the editor is for")
     parser.add_argument("--data", required=True, help="world:PRESET[:SEED], a world folder, or a train file")

@@ -284,6 +284,9 @@ def train_editor(
     else:
         backbone = model
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
+    from odedit_hf.editing.saving import default_mode
+
+    os.chmod(stage, default_mode(directory=True))  # mkdtemp's 0700 would stay on the artefact folder
     try:
         result = _train_mend(
             backbone, train, val, stage, options=options or {}, training=training or {}, seed=seed,

@@ -359,8 +359,11 @@ def save_net(
     from odedit_hf.evaluation import write_json_atomic
 
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    from odedit_hf.editing.saving import default_mode
+
     tmp = os.path.join(folder, f".{ARTEFACT_WEIGHTS}.tmp")
     save_file(state, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, default_mode())
     os.replace(tmp, os.path.join(folder, ARTEFACT_WEIGHTS))
     write_json_atomic(
         os.path.join(folder, ARTEFACT_CONFIG),

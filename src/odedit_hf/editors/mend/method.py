@@ -150,9 +150,10 @@ class MENDMethod(Editor):
         layers: decoder layer indices to edit (negative from the end); default the last three. With
             ``editor_weights`` the artefact's modules are used (a different choice here is an error).
         projections: FFN projection names inside a layer; default the family's up and down projections.
-        rank: the hidden rank of the hypernetwork's low-rank layers (untrained network only).
-        n_hidden: hidden layers of the hypernetwork's MLP (untrained network only).
-        edit_lr: the initial per-layer edit step ``η`` (untrained network only; a trained one has learned it).
+        rank: the hidden rank of the hypernetwork's low-rank layers (of the untrained network, and of the one
+            ``train-editor`` trains; a trained artefact keeps its own).
+        n_hidden: hidden layers of the hypernetwork's MLP (as ``rank``).
+        edit_lr: the initial per-layer edit step ``η`` (as ``rank``; a trained network has learned its own).
         steps: MEND updates per edit, each from the gradient on the model as edited so far (MEND: 1; more is
             an iterated MEND, useful for the untrained network, whose single step is one gradient step).
         stop_loss: with ``steps > 1``, stop once the edit prompt's target NLL is below this (``none``: never).
