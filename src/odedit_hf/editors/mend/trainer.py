@@ -64,7 +64,7 @@ class MENDTrainingArguments(TrainingArguments):
             Weight of the edit loss (mean target NLL on the edit prompt and its rephrases after the update).
         loc_weight (`float`, defaults to 1.0):
             Weight of the locality loss (KL of pre- to post-edit predictions on the locality prompts).
-        edit_lr_learning_rate (`float`, defaults to 1e-3):
+        edit_lr_learning_rate (`float`, defaults to 3e-4):
             Learning rate of the per-layer edit steps ``η_l`` (MEND's ``lr_lr``).
         norm_samples (`int`, defaults to 64):
             Training edits whose token rows fill the normalisation statistics before the first step.
@@ -74,13 +74,13 @@ class MENDTrainingArguments(TrainingArguments):
 
     edit_weight: float = field(default=1.0, metadata={"help": "Weight of the edit loss."})
     loc_weight: float = field(default=1.0, metadata={"help": "Weight of the locality (KL) loss."})
-    edit_lr_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the edit steps."})
+    edit_lr_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of the edit steps."})
     norm_samples: int = field(default=64, metadata={"help": "Edits that fill the normalisation statistics."})
     early_stopping_patience: int = field(
         default=4, metadata={"help": "Evaluations without improvement before stopping; 0 = never."}
     )
     # TrainingArguments defaults changed for MEND
-    learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate of the hypernetwork."})
+    learning_rate: float = field(default=3e-5, metadata={"help": "Adam learning rate of the hypernetwork."})
     num_train_epochs: float = field(default=5.0, metadata={"help": "Epochs over the train split."})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Edits per step (a batch edit)."})
     per_device_eval_batch_size: int = field(default=1, metadata={"help": "Edits per evaluation step."})
