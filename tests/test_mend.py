@@ -216,3 +216,22 @@ def test_sequential_edits_stay_finite_and_roll_back_exactly(mend_artefact, micro
     with torch.no_grad():
         assert torch.equal(peft_model(**model_inputs(probe)).logits, base_logits)
     base.check(digest, context="after 24 MEND edits and a rollback")
+
+
+def test_a_batch_edit_takes_every_request_s_tokens(mend_artefact, micro_world, micro_requests):  # noqa: ANN001
+    from odedit_hf.cli.edit import load_backbone
+    from odedit_hf.editors.mend import MENDLayer
+
+    backbone = load_backbone(micro_world.model_dir, device="cpu", progress=False)
+    method = get_method("mend", editor_weights=mend_artefact)
+    peft_model = get_peft_model(backbone.model, method.peft_config(backbone))
+    snapshot = method.snapshot(peft_model, "default")
+    layers = [m for m in peft_model.modules() if isinstance(m, MENDLayer)]
+    singles = []
+    for request in micro_requests[:2]:
+        method.edit(peft_model, backbone, [request])
+        singles.append([layer.rank("default") for layer in layers])
+        snapshot.restore()
+    stats = method.edit(peft_model, backbone, micro_requests[:2])  # padded to one batch: padding drops out
+    assert stats.steps == 1
+    assert [layer.rank("default") for layer in layers] == [a + b for a, b in zip(*singles)]
