@@ -235,3 +235,117 @@ def test_a_batch_edit_takes_every_request_s_tokens(mend_artefact, micro_world, m
     stats = method.edit(peft_model, backbone, micro_requests[:2])  # padded to one batch: padding drops out
     assert stats.steps == 1
     assert [layer.rank("default") for layer in layers] == [a + b for a, b in zip(*singles)]
+
+
+# ------------------------------------------------------------------ ODEdit+MEND: the hypernetwork under ODEdit's objective
+def _odedit_mend_trainer(backbone, requests, tmp_path, **training):  # noqa: ANN001, ANN202
+    from odedit_hf.editors.mend import MENDConfig, MENDNet, MENDNetConfig
+    from odedit_hf.editors.mend.odedit_trainer import ODEditMENDTrainer
+    from odedit_hf.editors.mend.trainer import MENDTrainingArguments
+    from odedit_hf.methods.odedit.config import ODEditConfig
+
+    modules = get_method("mend").modules(backbone)
+    shapes = [[backbone.base_model.get_submodule(m).in_features, backbone.base_model.get_submodule(m).out_features]
+              for m in modules]  # fmt: skip
+    torch.manual_seed(0)
+    net = MENDNet(MENDNetConfig(modules=modules, shapes=shapes))
+    args = MENDTrainingArguments(
+        output_dir=str(tmp_path / "trainer"), use_cpu=True, eval_strategy="no", early_stopping_patience=0,
+        disable_tqdm=True, norm_samples=4, report_to="none", **training,
+    )  # fmt: skip
+    config = ODEditConfig(editor=MENDConfig(target_modules=modules))
+    return ODEditMENDTrainer(net, args, backbone, requests, odedit_config=config)
+
+
+@pytest.fixture(scope="module")
+def train_requests(micro_world):  # noqa: ANN001
+    from odedit_hf.training import load_train_requests
+
+    return load_train_requests(micro_world.root, limit=6)
+
+
+def _grads(net) -> torch.Tensor:  # noqa: ANN001
+    return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+
+
+def test_odedit_objective_reaches_the_hypernetwork(micro_backbone, train_requests, tmp_path):  # noqa: ANN001
+    trainer = _odedit_mend_trainer(micro_backbone, train_requests, tmp_path, max_steps=1)
+    try:
+        batch = trainer.data_collator(train_requests[:1])
+        terms = trainer.odedit_terms(batch)
+        assert terms.r_loc is not None and terms.r_gen is not None and terms.penalty is not None
+        terms.total.backward()
+        odedit = _grads(trainer.net)
+        assert torch.isfinite(odedit).all() and odedit.abs().sum() > 0
+        assert trainer.lambda_net.dual_signal is not None, "the backward of λ·P did not reach λ"
+        assert trainer.lambda_net.dual_signal == pytest.approx(float(terms.penalty.detach()), rel=1e-5)
+        trainer.net.zero_grad(set_to_none=True)
+        trainer.mend_terms(batch)["loss"].backward()
+        plain = _grads(trainer.net)
+        assert plain.shape == odedit.shape
+        assert not torch.allclose(plain, odedit, rtol=1e-3, atol=1e-8), (
+            "ODEdit's terms left the gradient as MEND's"
+        )
+    finally:
+        trainer.close()
+
+
+def test_one_dual_step_per_optimizer_step_under_accumulation(micro_backbone, train_requests, tmp_path):  # noqa: ANN001
+    trainer = _odedit_mend_trainer(
+        micro_backbone, train_requests, tmp_path, max_steps=2, gradient_accumulation_steps=2, logging_steps=1
+    )
+    calls = []
+    loss = trainer.compute_loss
+
+    def counted(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        return loss(*a, **k)
+
+    trainer.compute_loss = counted
+    before = [p.detach().clone() for p in trainer.lambda_net.parameters()]
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert len(calls) == 4, "2 optimiser steps × 2 accumulated micro-batches"
+    assert trainer.state.global_step == 2
+    assert trainer.dual_steps == 2, "one dual step per optimiser step, not per micro-batch"
+    after = list(trainer.lambda_net.parameters())
+    assert any(not torch.equal(b, a.detach()) for b, a in zip(before, after)), "the λ-network never moved"
+    logs = [h for h in trainer.state.log_history if "odedit/lambda" in h]
+    assert logs and all(h["odedit/penalty"] == h["odedit/penalty"] for h in logs)
+
+
+def test_odedit_mend_artefact_records_its_objective(micro_world, micro_backbone, micro_requests, tmp_path):  # noqa: ANN001
+    out = tmp_path / "odedit-mend"
+    argv = [
+        "train-editor",
+        "--method",
+        "odedit+mend",
+        "--model",
+        micro_world.model_dir,
+        "--data",
+        micro_world.root,
+    ]
+    argv += ["--out", str(out), "--n", "8", "--device", "cpu", "--no-progress", "--odedit.alpha", "0.2"]
+    argv += ["--train.max-steps", "2", "--train.eval-steps", "1", "--train.logging-steps", "1"]
+    assert main(argv) == 0
+    with open(out / "mend_config.json") as f:
+        extra = json.load(f)["extra"]
+    assert extra["objective"] == "odedit"
+    assert extra["odedit_config"]["alpha"] == 0.2 and extra["odedit_config"]["irm_penalty"] is True
+    assert extra["odedit_config_version"] and extra["dual_steps"] == 2
+    with open(out / "training_history.json") as f:
+        history = json.load(f)
+    assert any("eval_penalty" in h and "eval_edit_acc" in h for h in history)
+    with pytest.raises(
+        ValueError, match=r"--method mend --mend.editor-weights .*meta-trained under the 'odedit'"
+    ):
+        get_method("odedit+mend", editor_weights=str(out))
+    method = get_method("mend", editor_weights=str(out))  # the artefact edits as MEND
+    peft_model = get_peft_model(micro_backbone.model, method.peft_config(micro_backbone))
+    try:
+        method.edit(peft_model, micro_backbone, micro_requests[:1])
+        assert not method.adapter_is_identity(peft_model)
+    finally:
+        peft_model.unload()

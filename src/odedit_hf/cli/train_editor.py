@@ -38,7 +38,9 @@ def add_parser(
         epilog=__doc__.split("\n\n", 3)[-1].replace("``", "'"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--method", required=True, help="the editor to train: mend (serac: not built yet)")
+    parser.add_argument(
+        "--method", required=True, help="the editor to train: mend, odedit+mend (serac: not built yet)"
+    )
     parser.add_argument("--model", required=True, help="the base model folder or Hub id the editor is for")
     parser.add_argument("--data", required=True, help="world:PRESET[:SEED], a world folder, or a train file")
     parser.add_argument("--out", required=True, help="the artefact folder (must be new or empty)")
@@ -97,7 +99,11 @@ def split_options(method: str, argv: list[str]) -> tuple[dict[str, Any], dict[st
                 method_args.append(argv[i + 1])
                 i += 1
         i += 1
-    options = parse_method_options(method, method_args).get(method, {}) if method_args else {}
+    options: dict[str, Any] = {}
+    if method_args:
+        parsed = parse_method_options(method, method_args)
+        # a composite method (odedit+mend) keeps its options namespaced by part
+        options = parsed if "+" in method else parsed.get(method, {})
     return options, training
 
 

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 #: The methods :func:`train_editor` trains.
-TRAINABLE_METHODS: tuple[str, ...] = ("mend",)
+TRAINABLE_METHODS: tuple[str, ...] = ("mend", "odedit+mend")
 
 
 def not_trainable_reason(method: str) -> str | None:
@@ -290,7 +290,7 @@ def train_editor(
     try:
         result = _train_mend(
             backbone, train, val, stage, options=options or {}, training=training or {}, seed=seed,
-            device=device, progress=progress,
+            device=device, progress=progress, odedit=method == "odedit+mend",
         )  # fmt: skip
         _install(stage, target)
     except BaseException:
@@ -300,6 +300,18 @@ def train_editor(
     result.total_seconds = time.perf_counter() - start
     logger.info("train-editor: %s written in %.1f s", target, result.total_seconds)
     return result
+
+
+def _split_odedit_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(MEND options, ODEdit options)`` of ``odedit+mend``: namespaced (``{"odedit": {...}, "mend": {...}}``,
+    as the CLI parses them) or flat (split as ``get_method("odedit+mend", ...)`` would)."""
+    from odedit_hf.methods.odedit.method import ODEditMethod
+
+    options = dict(options)
+    if set(options) <= {"odedit", "mend"} and all(isinstance(v, Mapping) for v in options.values()):
+        return dict(options.get("mend", {})), dict(options.get("odedit", {}))
+    split = ODEditMethod.split_options(options, ["mend"])
+    return dict(split.get("mend", {})), dict(split.get("odedit", {}))
 
 
 def _train_mend(
@@ -313,6 +325,7 @@ def _train_mend(
     seed: int,
     device: str | None,
     progress: bool,
+    odedit: bool = False,
 ) -> TrainedEditor:
     import dataclasses
 
@@ -322,12 +335,15 @@ def _train_mend(
     from odedit_hf.editors.mend.hypernet import MENDNet, MENDNetConfig, base_identity, save_net
     from odedit_hf.editors.mend.trainer import MENDTrainer, MENDTrainingArguments
 
+    odedit_options: dict[str, Any] = {}
+    if odedit:
+        options, odedit_options = _split_odedit_options(options)
     allowed = {"layers", "projections", "rank", "n_hidden", "edit_lr"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(
-            f"train-editor --method mend: options {unknown} do not apply to training; give "
-            f"{', '.join(sorted(allowed))}"
+            f"train-editor --method {'odedit+mend' if odedit else 'mend'}: MEND options {unknown} do not apply "
+            f"to training; give {', '.join(sorted(allowed))}"
         )
     method = MENDMethod(**dict(options))
     fields = {f.name for f in dataclasses.fields(MENDTrainingArguments) if f.init}
@@ -356,7 +372,23 @@ def _train_mend(
         torch.manual_seed(seed)
         net = MENDNet(config)
     identity = base_identity(model, modules)  # before training: the weights it is trained for
-    trainer = MENDTrainer(net, args, backbone, train, val)
+    objective: dict[str, Any] = {"objective": "mend"}
+    if odedit:
+        from odedit_hf.editors.mend import MENDConfig
+        from odedit_hf.editors.mend.odedit_trainer import ODEditMENDTrainer
+        from odedit_hf.methods.odedit.config import ODEDIT_CONFIG_VERSION, ODEditConfig
+
+        odedit_config = ODEditConfig(editor=MENDConfig(target_modules=list(modules)), **odedit_options)
+        resolved = {k: v for k, v in odedit_config.to_dict().items() if k in ODEditConfig.option_names()}
+        resolved = json.loads(json.dumps(resolved, default=list))
+        objective = {
+            "objective": "odedit",
+            "odedit_config": resolved,
+            "odedit_config_version": ODEDIT_CONFIG_VERSION,
+        }
+        trainer = ODEditMENDTrainer(net, args, backbone, train, val, odedit_config=odedit_config)
+    else:
+        trainer = MENDTrainer(net, args, backbone, train, val)
     try:
         t0 = time.perf_counter()
         trainer.train()
@@ -380,6 +412,8 @@ def _train_mend(
             "best_step": trainer.best_step,
             "global_step": int(trainer.state.global_step),
             "train_seconds": train_seconds,
+            **objective,
+            **({"dual_steps": trainer.dual_steps} if odedit else {}),
         },
     )
     return TrainedEditor(

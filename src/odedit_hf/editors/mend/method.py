@@ -169,10 +169,32 @@ class MENDMethod(Editor):
     stop_loss: float | None = None
 
     name: ClassVar[str] = "mend"
-    wrappable: ClassVar[bool] = False  # ODEdit+MEND trains the hypernetwork, not an edit (not built yet)
+    # ODEdit+MEND is MEND's hypernetwork meta-trained under ODEdit's objective (train-editor --method
+    # odedit+mend); an edit is MEND's own, so no wrapper wraps MEND at edit time (see wrap_refusal)
+    wrappable: ClassVar[bool] = False
     trains_at_edit: ClassVar[bool] = True
     needs_training: ClassVar[bool] = True
     supports_batch: ClassVar[bool] = True
+
+    def wrap_refusal(self, wrapper: str) -> str:
+        """Why ``wrapper`` cannot wrap MEND at edit time, and what to run instead."""
+        weights = self.editor_weights or "DIR"
+        trained = ""
+        if self.editor_weights is not None:
+            from .hypernet import read_artefact_config
+
+            objective = read_artefact_config(self.editor_weights).get("extra", {}).get("objective", "mend")
+            trained = f" ({weights} was meta-trained under the {objective!r} objective)"
+        if wrapper == "odedit":
+            return (
+                "MEND has no edit parameters for ODEdit's per-edit loop; ODEdit+MEND is MEND's hypernetwork "
+                "meta-trained under ODEdit's objective: train it with `odedit-hf train-editor --method odedit+mend "
+                f"--out DIR` (train_editor('odedit+mend', ...)) and edit with `--method mend --mend.editor-weights "
+                f"{weights}` (get_method('mend', editor_weights=...)){trained}"
+            )
+        return (
+            f"MEND's edit is one hypernetwork update with no edit parameters for {wrapper}'s loop to optimise"
+        )
 
     def __post_init__(self) -> None:
         if isinstance(self.editor_weights, str) and self.editor_weights.strip().lower() in ("", "none"):

@@ -70,6 +70,9 @@ class MENDTrainingArguments(TrainingArguments):
             Training edits whose token rows fill the normalisation statistics before the first step.
         early_stopping_patience (`int`, defaults to 4):
             Evaluations without improvement of ``metric_for_best_model`` before training stops; 0: never.
+        lambda_learning_rate (`float`, *optional*):
+            ``odedit+mend`` only (:class:`~.odedit_trainer.ODEditMENDTrainer`): learning rate of the dual
+            (ascent) step on ODEdit's λ-network; default the ODEdit config's ``lambda_lr``.
     """
 
     edit_weight: float = field(default=1.0, metadata={"help": "Weight of the edit loss."})
@@ -78,6 +81,9 @@ class MENDTrainingArguments(TrainingArguments):
     norm_samples: int = field(default=64, metadata={"help": "Edits that fill the normalisation statistics."})
     early_stopping_patience: int = field(
         default=4, metadata={"help": "Evaluations without improvement before stopping; 0 = never."}
+    )
+    lambda_learning_rate: float | None = field(
+        default=None, metadata={"help": "odedit+mend: dual learning rate (default ODEditConfig.lambda_lr)."}
     )
     # TrainingArguments defaults changed for MEND
     learning_rate: float = field(default=3e-5, metadata={"help": "Adam learning rate of the hypernetwork."})
@@ -112,6 +118,10 @@ class MENDTrainingArguments(TrainingArguments):
         if not self.edit_lr_learning_rate >= 0:
             raise ValueError(
                 f"MENDTrainingArguments.edit_lr_learning_rate must be >= 0, got {self.edit_lr_learning_rate!r}"
+            )
+        if self.lambda_learning_rate is not None and not self.lambda_learning_rate > 0:
+            raise ValueError(
+                f"MENDTrainingArguments.lambda_learning_rate must be > 0 (or None), got {self.lambda_learning_rate!r}"
             )
         for name in ("norm_samples", "early_stopping_patience"):
             value = getattr(self, name)
@@ -233,7 +243,7 @@ class MENDTrainer(Trainer):
             args=args,
             train_dataset=_Requests(train_dataset),
             eval_dataset=_Requests(eval_dataset) if eval_dataset else None,
-            data_collator=MENDCollator(backbone),
+            data_collator=self.make_collator(backbone),
             callbacks=callbacks,
             **kwargs,
         )
@@ -250,6 +260,10 @@ class MENDTrainer(Trainer):
             self.fill_statistics(list(train_dataset)[: max(2, args.norm_samples)])
 
     # ------------------------------------------------------------------ set-up and tear-down
+    def make_collator(self, backbone: Backbone) -> MENDCollator:
+        """The collator of the training and validation requests (called once, in ``__init__``)."""
+        return MENDCollator(backbone)
+
     @torch.no_grad()
     def fill_statistics(self, requests: Sequence[EditRequest]) -> None:
         """Fill the normalisation statistics of ``u`` and ``δ`` from ``requests`` (one edit prompt each); they
