@@ -13,6 +13,8 @@ replaced only with ``--overwrite``, and a folder holding anything else never. Me
 (``--mend.layers 0,1``, ``--mend.rank 256``) are generated from the method's dataclass as for ``edit``;
 training options are the fields of ``MENDTrainingArguments`` (``transformers.TrainingArguments`` plus
 MEND's own), as ``--train.<field> VALUE`` (e.g. ``--train.num-train-epochs 4 --train.edit-weight 0.5``).
+``--method odedit+mend`` meta-trains MEND's hypernetwork under ODEdit's objective (``--odedit.alpha 0.2``,
+``--train.lambda-learning-rate 0.05``; edit with ``--method mend --mend.editor-weights DIR``).
 ``--method serac`` is not built yet; ``--method ike`` needs no training (its index is built at edit time).
 """
 

@@ -251,14 +251,18 @@ def train_editor(
     """Train an editor before editing and write its artefact folder (the Python side of ``train-editor``).
 
     Args:
-        method: the editor to train (``"mend"``; ``"serac"`` and ``"ike"`` say why not).
+        method: the editor to train: ``"mend"``, or ``"odedit+mend"`` (MEND's hypernetwork meta-trained under
+            ODEdit's objective, :class:`~odedit_hf.editors.mend.odedit_trainer.ODEditMENDTrainer`; edit with
+            ``get_method("mend", editor_weights=out)``); ``"serac"`` and ``"ike"`` say why not.
         model: the base model (a folder or Hub id loaded as ``odedit-hf edit --model`` does) or a
             :class:`~odedit_hf.backbones.Backbone` (its model is left unchanged).
         data: the train split (see :func:`load_train_requests`).
         out: the artefact folder (written atomically: a temporary sibling folder, renamed at the end).
         overwrite: replace an existing artefact at ``out`` (never a folder holding other files).
         options: the method's own options (MEND: ``layers``, ``projections``, ``rank``, ``n_hidden``,
-            ``edit_lr``; see :class:`~odedit_hf.editors.mend.MENDMethod`).
+            ``edit_lr``; see :class:`~odedit_hf.editors.mend.MENDMethod`); for ``odedit+mend`` also
+            :class:`~odedit_hf.methods.odedit.config.ODEditConfig` options, flat (``alpha=0.2``) or namespaced
+            (``{"odedit": {...}, "mend": {...}}``).
         training: overrides of :class:`~odedit_hf.editors.mend.trainer.MENDTrainingArguments` fields
             (``num_train_epochs``, ``learning_rate``, ``eval_steps``, ``edit_weight``, ...).
         val_fraction: the share of the train split held out for validation (early stopping).
