@@ -110,6 +110,7 @@ def test_train_editor_writes_the_artefact(mend_artefact, micro_backbone):  # noq
     with open(os.path.join(mend_artefact, "mend_config.json")) as f:
         config = json.load(f)
     assert config["base_model"]["model_type"] == "llava"
+    assert config["extra"]["objective"] == "mend" and "odedit_config" not in config["extra"]
     assert config["net"]["modules"] == get_method("mend").modules(micro_backbone)
     with open(os.path.join(mend_artefact, "training_history.json")) as f:
         history = json.load(f)
