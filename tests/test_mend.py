@@ -149,10 +149,10 @@ def test_out_dir_is_never_overwritten_without_overwrite(mend_artefact, micro_wor
     assert not leftovers, f"temporary folders left behind: {leftovers}"
 
 
-def test_serac_and_ike_say_why_they_are_not_trained(micro_world, tmp_path, capsys):  # noqa: ANN001
+def test_ike_and_untrained_editors_say_why_they_are_not_trained(micro_world, tmp_path, capsys):  # noqa: ANN001
     common = ["--model", micro_world.model_dir, "--data", micro_world.root, "--out", str(tmp_path / "x")]
-    assert main(["train-editor", "--method", "serac", *common]) == 2
-    assert "not built yet" in capsys.readouterr().err
+    assert main(["train-editor", "--method", "ftl", *common]) == 2
+    assert "learns nothing before editing" in capsys.readouterr().err
     assert main(["train-editor", "--method", "ike", *common]) == 2
     assert "edit time" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

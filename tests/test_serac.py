@@ -348,3 +348,45 @@ def test_text_only_records_on_a_text_only_decoder(tmp_path):  # noqa: ANN001
     run = run_protocol("sequential", method, llama, requests)
     assert all(r.final is not None for r in run.results)
     assert BaseWeights(llama.model).digest() == before
+
+
+def test_train_editor_cli_trains_serac_and_edit_loads_it(micro_world, tmp_path, capsys):  # noqa: ANN001
+    """``odedit-hf train-editor --method serac`` writes the artefact ``edit --method serac`` reads; SERAC's
+    edit-time options and unknown training fields are refused before anything trains."""
+    import json
+
+    from odedit_hf.cli.main import main
+
+    out = tmp_path / "serac"
+    common = [
+        "train-editor",
+        "--method",
+        "serac",
+        "--model",
+        micro_world.model_dir,
+        "--data",
+        micro_world.root,
+    ]
+    assert main([*common, "--out", str(out), "--serac.threshold", "0.3"]) == 2
+    assert "edit-time options" in capsys.readouterr().err and not out.exists()
+    assert main([*common, "--out", str(out), "--train.bogus", "1"]) == 2
+    assert "not a field of SERACTrainingConfig" in capsys.readouterr().err and not out.exists()
+    argv = [*common, "--out", str(out), "--no-progress", "--n", "12", "--device", "cpu"]
+    argv += ["--train.max-steps", "2", "--train.eval-steps", "1", "--train.rank", "4"]
+    assert main(argv) == 0, capsys.readouterr().err
+    meta = json.loads((out / "serac_config.json").read_text())
+    assert meta["training"]["steps"] == 2 and meta["architecture"]["rank"] == 4
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging folder left
+    results = tmp_path / "r.json"
+    edit = ["edit", "--model", micro_world.model_dir, "--data", micro_world.root, "--method", "serac"]
+    edit += [
+        "--serac.editor-weights",
+        str(out),
+        "--num-edits",
+        "2",
+        "--out",
+        str(results),
+        "--no-memory-check",
+    ]
+    assert main(edit) == 0, capsys.readouterr().err
+    assert json.loads(results.read_text())["n_edits"] == 2

@@ -15,7 +15,9 @@ training options are the fields of ``MENDTrainingArguments`` (``transformers.Tra
 MEND's own), as ``--train.<field> VALUE`` (e.g. ``--train.num-train-epochs 4 --train.edit-weight 0.5``).
 ``--method odedit+mend`` meta-trains MEND's hypernetwork under ODEdit's objective (``--odedit.alpha 0.2``,
 ``--train.lambda-learning-rate 0.05``; edit with ``--method mend --mend.editor-weights DIR``).
-``--method serac`` is not built yet; ``--method ike`` needs no training (its index is built at edit time).
+``--method serac`` trains SERAC's scope classifier and counterfactual model (``--train.<field>``: a
+``SERACTrainingConfig`` or ``TrainingArguments`` field; edit with ``--method serac --serac.editor-weights DIR``);
+``--method ike`` needs no training (its index is built at edit time).
 """
 
 from __future__ import annotations
@@ -40,9 +42,7 @@ def add_parser(
         epilog=__doc__.split("\n\n", 3)[-1].replace("``", "'"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--method", required=True, help="the editor to train: mend, odedit+mend (serac: not built yet)"
-    )
+    parser.add_argument("--method", required=True, help="the editor to train: mend, odedit+mend, serac")
     parser.add_argument("--model", required=True, help="the base model folder or Hub id the editor is for")
     parser.add_argument("--data", required=True, help="world:PRESET[:SEED], a world folder, or a train file")
     parser.add_argument("--out", required=True, help="the artefact folder (must be new or empty)")
@@ -57,7 +57,16 @@ def add_parser(
     return parser
 
 
-def _training_fields() -> dict[str, Any]:
+def _training_fields(method: str = "mend") -> dict[str, Any]:
+    if method == "serac":
+        from odedit_hf.editors.serac import SERACTrainingArguments, SERACTrainingConfig
+
+        return {
+            f.name: f
+            for cls in (SERACTrainingArguments, SERACTrainingConfig)
+            for f in dataclasses.fields(cls)
+            if f.init
+        }
     from odedit_hf.editors.mend.trainer import MENDTrainingArguments
 
     return {f.name: f for f in dataclasses.fields(MENDTrainingArguments) if f.init}
@@ -83,13 +92,16 @@ def split_options(method: str, argv: list[str]) -> tuple[dict[str, Any], dict[st
                 if i + 1 >= len(argv):
                     raise OptionError(f"{arg}: expected a value")
                 value, i = argv[i + 1], i + 1
-            fields = fields or _training_fields()
+            fields = fields or _training_fields(method)
             name = key.replace("-", "_")
             if name not in fields:
-                raise OptionError(
-                    f"--train.{key}: not a field of MENDTrainingArguments (transformers.TrainingArguments plus "
-                    "edit_weight, loc_weight, edit_lr_learning_rate, norm_samples, early_stopping_patience)"
+                what = (
+                    "SERACTrainingConfig or SERACTrainingArguments (transformers.TrainingArguments)"
+                    if method == "serac"
+                    else "MENDTrainingArguments (transformers.TrainingArguments plus edit_weight, loc_weight, "
+                    "edit_lr_learning_rate, norm_samples, early_stopping_patience)"
                 )
+                raise OptionError(f"--train.{key}: not a field of {what}")
             annotation = _field_type(fields[name].type)
             try:
                 training[name] = _convert(annotation, value)

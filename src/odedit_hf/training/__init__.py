@@ -3,7 +3,8 @@
 Editors that learn before they edit are trained on a train split (the embedded world's ``*_train.json``
 files, or any MMEdit / ZsRE / CounterFact file) through a ``transformers.Trainer`` subclass, and the result
 is written as a safetensors artefact folder that ``odedit-hf edit --method NAME --NAME.editor_weights DIR``
-loads. Built: MEND (:mod:`odedit_hf.editors.mend.trainer`). SERAC is not built yet; IKE needs no training
+loads. Built: MEND (:mod:`odedit_hf.editors.mend.trainer`; ``odedit+mend`` under ODEdit's objective) and SERAC
+(:mod:`odedit_hf.editors.serac.trainer`). IKE needs no training
 step (its demonstration index is built from the train split at edit time and cached).
 """
 
@@ -35,18 +36,13 @@ __all__ = [
 ]
 
 #: The methods :func:`train_editor` trains.
-TRAINABLE_METHODS: tuple[str, ...] = ("mend", "odedit+mend")
+TRAINABLE_METHODS: tuple[str, ...] = ("mend", "odedit+mend", "serac")
 
 
 def not_trainable_reason(method: str) -> str | None:
     """Why ``method`` cannot be trained by :func:`train_editor` (``None`` when it can)."""
     if method in TRAINABLE_METHODS:
         return None
-    if method == "serac":
-        return (
-            "SERAC is not built yet in odedit-hf (its scope classifier and counterfactual model are planned, "
-            "issue 14 item 4); train-editor supports: " + ", ".join(TRAINABLE_METHODS)
-        )
     if method == "ike":
         return (
             "IKE has no training step: its demonstration index is built from the train split at edit time (the first "
@@ -198,6 +194,7 @@ def check_out_dir(out: str, *, overwrite: bool = False) -> str:
         ValueError: what is wrong with ``out`` and what to do.
     """
     from odedit_hf.editors.mend.hypernet import ARTEFACT_CONFIG
+    from odedit_hf.editors.serac.artefact import CONFIG_NAME as SERAC_CONFIG
 
     target = os.path.abspath(os.path.expanduser(out))
     if os.path.exists(target):
@@ -205,7 +202,7 @@ def check_out_dir(out: str, *, overwrite: bool = False) -> str:
             raise ValueError(f"--out {out!r} is a file; give a folder path for the artefact")
         content = os.listdir(target)
         if content:
-            if ARTEFACT_CONFIG not in content:
+            if ARTEFACT_CONFIG not in content and SERAC_CONFIG not in content:
                 raise ValueError(
                     f"--out {out!r} is a folder holding other files (not a trained-editor artefact); it is never "
                     "replaced: give a new folder"
@@ -292,11 +289,19 @@ def train_editor(
 
     os.chmod(stage, default_mode(directory=True))  # mkdtemp's 0700 would stay on the artefact folder
     try:
-        result = _train_mend(
-            backbone, train, val, stage, options=options or {}, training=training or {}, seed=seed,
-            device=device, progress=progress, odedit=method == "odedit+mend",
-        )  # fmt: skip
-        _install(stage, target)
+        if method == "serac":
+            result = _train_serac(
+                backbone, train + val, stage, options=options or {}, training=training or {},
+                val_fraction=val_fraction, seed=seed, device=device, progress=progress,
+            )  # fmt: skip
+            _install(result.path, target)
+            shutil.rmtree(stage, ignore_errors=True)
+        else:
+            result = _train_mend(
+                backbone, train, val, stage, options=options or {}, training=training or {}, seed=seed,
+                device=device, progress=progress, odedit=method == "odedit+mend",
+            )  # fmt: skip
+            _install(stage, target)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -429,5 +434,76 @@ def _train_mend(
         best_metric=trainer.best_metric,
         best_step=trainer.best_step,
         global_step=int(trainer.state.global_step),
+        history=history,
+    )
+
+
+def serac_training_fields() -> tuple[set[str], set[str]]:
+    """``(SERACTrainingConfig fields, SERACTrainingArguments fields)``: what ``--train.<field>`` may set."""
+    import dataclasses
+
+    from odedit_hf.editors.serac import SERACTrainingArguments, SERACTrainingConfig
+
+    config = {f.name for f in dataclasses.fields(SERACTrainingConfig) if f.init}
+    args = {f.name for f in dataclasses.fields(SERACTrainingArguments) if f.init}
+    return config, args
+
+
+def _train_serac(
+    backbone: Backbone,
+    requests: list[Any],
+    stage: str,
+    *,
+    options: Mapping[str, Any],
+    training: Mapping[str, Any],
+    val_fraction: float,
+    seed: int,
+    device: str | None,
+    progress: bool,
+) -> TrainedEditor:
+    """SERAC through :func:`odedit_hf.editors.serac.train_serac` (which holds out ``val_fraction`` itself)."""
+    from odedit_hf.editors.serac import SERACTrainingArguments, SERACTrainingConfig, train_serac
+
+    if options:
+        raise ValueError(
+            f"train-editor --method serac: {sorted(options)} are SERAC's edit-time options (threshold, "
+            "editor_weights) and do not apply to training; give training settings as --train.<field> "
+            "(a SERACTrainingConfig or TrainingArguments field)"
+        )
+    config_fields, arg_fields = serac_training_fields()
+    bad = sorted(set(training) - config_fields - arg_fields)
+    if bad:
+        raise ValueError(
+            f"train-editor --method serac: {bad} are neither SERACTrainingConfig nor TrainingArguments fields"
+        )
+    config_kwargs = {k: v for k, v in training.items() if k in config_fields}
+    config_kwargs.setdefault("val_fraction", val_fraction)
+    config = SERACTrainingConfig(**config_kwargs)
+    kwargs: dict[str, Any] = {
+        "output_dir": os.path.join(stage, "trainer"),
+        "seed": seed,
+        "disable_tqdm": not progress,
+        **{k: v for k, v in training.items() if k in arg_fields and k not in config_fields},
+    }
+    if device is not None and str(device).startswith("cpu"):
+        kwargs.setdefault("use_cpu", True)
+    args = SERACTrainingArguments(**kwargs)
+    path = train_serac(backbone, requests, os.path.join(stage, "artefact"), config, args)
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    from odedit_hf.editors.serac.artefact import CONFIG_NAME
+
+    with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
+        meta = json.load(f)
+    info = meta.get("training", {})
+    history = [dict(h) for h in meta.get("history", [])]
+    return TrainedEditor(
+        path=path,
+        train_seconds=float(info.get("train_seconds", 0.0)),
+        total_seconds=0.0,
+        num_train=int(info.get("train_records", 0)),
+        num_val=int(info.get("val_records", 0)),
+        best_metric=info.get("best_eval_loss"),
+        best_step=info.get("best_step"),
+        global_step=int(info.get("steps", 0)),
         history=history,
     )
