@@ -79,10 +79,25 @@ EDITOR_CASES: list[EditorCase] = [
         "tpatcher_",
         merge=False,
     ),
+    EditorCase(
+        "unike-llava", "llava", "unike", {"steps": 80, "train_up": True}, "UNIKE", "unike_", merge=False
+    ),
+    EditorCase(
+        # the untrained identity-initialised hypernetwork (a random tiny model has no train split): five
+        # iterated MEND steps, each a normalised gradient step; the trained network: tests/test_mend.py
+        "mend-llava",
+        "llava",
+        "mend",
+        {"steps": 5, "edit_lr": 1e-3},
+        "MEND",
+        "mend_",
+        exact_unmerge=True,
+    ),
 ]
 
 #: Wrapper methods crossed with every wrappable editor row: (name, options of the wrapper).
 WRAPPERS: list[tuple[str, dict[str, Any]]] = [
     ("odedit", {"lambda_mode": "sketch"}),
     ("ldke", {"k": 1}),
+    ("asam", {"n_variants": 1, "pgd_steps": 1}),
 ]

@@ -64,14 +64,18 @@ class Row:
         )
 
 
-def _wrappable(case: EditorCase) -> bool:
+def _wrappable(case: EditorCase, wrapper: str | None = None) -> bool:
     from odedit_hf.editing import method_class
 
     cls = method_class(case.method)
-    return cls.wrappable and cls.trains_at_edit
+    # a wrapper may accept only some editors (ASAM: the intrinsic ones), named in its `supported_editors`
+    supported = getattr(method_class(wrapper), "supported_editors", None) if wrapper else None
+    return cls.wrappable and cls.trains_at_edit and (supported is None or cls.name in supported)
 
 
-ROWS = [Row(c) for c in EDITOR_CASES] + [Row(c, w) for w in WRAPPERS for c in EDITOR_CASES if _wrappable(c)]
+ROWS = [Row(c) for c in EDITOR_CASES] + [
+    Row(c, w) for w in WRAPPERS for c in EDITOR_CASES if _wrappable(c, w[0])
+]
 
 
 @pytest.fixture(scope="module")

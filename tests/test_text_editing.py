@@ -80,7 +80,9 @@ def _matrix():
     for wrapper, wrapper_options in WRAPPERS:
         for c in EDITOR_CASES:
             cls = method_class(c.method)
-            if cls.wrappable and cls.trains_at_edit:
+            # a wrapper may accept only some editors (ASAM: the intrinsic ones)
+            supported = getattr(method_class(wrapper), "supported_editors", None)
+            if cls.wrappable and cls.trains_at_edit and (supported is None or cls.name in supported):
                 options = {wrapper: wrapper_options, c.method: c.options}
                 rows.append(pytest.param(f"{wrapper}+{c.method}", options, id=f"{wrapper}+{c.case}-llama"))
     return rows

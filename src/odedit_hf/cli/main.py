@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "build the embedded world (cached), edit facts, print the metric table"),
     "world": ("world", "build the embedded synthetic world and its tiny pretrained model"),
     "edit": ("edit", "edit facts with a method and measure the edits under a protocol"),
+    "train-editor": ("train_editor", "train an editor before editing (MEND), write its artefact"),
     "eval": ("eval", "score an existing adapter on a data file, without editing"),
     "generate": ("generate", "the greedy answer of a model (and an adapter) to a prompt and image"),
     "push": ("push", "push an edited adapter to the Hub with a model card made from its results"),

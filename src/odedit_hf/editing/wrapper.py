@@ -347,7 +347,8 @@ class Wrapper(Editor):
                 + (
                     "it is a wrapper method itself"
                     if self.editor.kind == "wrapper"
-                    else "that editor declares it cannot be wrapped"
+                    else getattr(self.editor, "wrap_refusal", lambda wrapper: None)(type(self).name)
+                    or "that editor declares it cannot be wrapped"
                 )
             )
         if not self.editor.trains_at_edit:
