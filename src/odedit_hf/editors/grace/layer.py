@@ -36,6 +36,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from odedit_hf.editing.tuner import ResizeOnLoad
+
 from .config import GRACEConfig
 
 logger = logging.getLogger(__name__)
@@ -339,7 +341,7 @@ class GRACELayer(BaseTunerLayer):
                 self.resize_codebook(name, *found)
 
 
-class Linear(nn.Module, GRACELayer):
+class Linear(ResizeOnLoad, GRACELayer):
     """GRACE on an ``nn.Linear``: the base output, with codebook hits replaced by their values."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: GRACEConfig, **kwargs: Any) -> None:
@@ -347,22 +349,6 @@ class Linear(nn.Module, GRACELayer):
         GRACELayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # a plain load_state_dict of a grown codebook: resize before the child containers load
-        self.resize_from_state_dict(state_dict, prefix)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Not possible for GRACE (raises ``ValueError``)."""

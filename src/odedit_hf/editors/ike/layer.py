@@ -25,6 +25,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from odedit_hf.editing.tuner import ResizeOnLoad
+
 from .config import IKEConfig
 
 logger = logging.getLogger(__name__)
@@ -188,7 +190,7 @@ class IKELayer(BaseTunerLayer):
         self._active_adapter = adapter_names
 
 
-class Embedding(nn.Module, IKELayer):
+class Embedding(ResizeOnLoad, IKELayer):
     """:class:`IKELayer` on an ``nn.Embedding``; its forward is the embedding's."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: IKEConfig, **kwargs: Any) -> None:
@@ -199,22 +201,6 @@ class Embedding(nn.Module, IKELayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.base_layer(x, *args, **kwargs)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # a grown memory loads into a fresh (empty) one: resize before the buffer dicts load
-        self.resize_from_state_dict(state_dict, prefix)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def __repr__(self) -> str:
         return "ike." + super().__repr__()

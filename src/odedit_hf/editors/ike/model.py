@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import IKEConfig
@@ -116,22 +116,26 @@ class IKEModel(BaseTuner):
         parameter_name: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if kwargs:
-            raise ValueError(f"IKEModel._create_and_replace: unknown keyword arguments {sorted(kwargs)}")
-        if parameter_name is not None:
-            raise ValueError(f"IKE targets a module, not parameter {parameter_name!r} of {current_key!r}")
-        if not isinstance(peft_config, IKEConfig):
-            raise ValueError(f"IKEModel needs an IKEConfig, got {type(peft_config).__name__}")
-        if isinstance(target, IKELayer):
-            target.update_layer(adapter_name, peft_config)
-            return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Embedding):
-            raise ValueError(
-                f"IKE target {current_key!r} is a {type(base).__name__}, not torch.nn.Embedding; target the "
-                "model's input embedding (model.get_input_embeddings())"
-            )
-        self._replace_module(parent, target_name, Embedding(target, adapter_name, peft_config), target)
+        from odedit_hf.editing.tuner import replace_target
+
+        replace_target(
+            self,
+            editor="IKE",
+            config_cls=IKEConfig,
+            layer_cls=IKELayer,
+            new_layer=lambda module, _base: Embedding(module, adapter_name, peft_config),
+            base_types=(nn.Embedding,),
+            base_hint="target the model's input embedding (model.get_input_embeddings())",
+            peft_config=peft_config,
+            adapter_name=adapter_name,
+            target=target,
+            target_name=target_name,
+            parent=parent,
+            current_key=current_key,
+            parameter_name=parameter_name,
+            kwargs=kwargs,
+            freeze_inactive=False,
+        )
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(_NOT_MERGEABLE)

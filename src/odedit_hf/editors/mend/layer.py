@@ -26,6 +26,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from odedit_hf.editing.tuner import ResizeOnLoad
+
 from .config import MENDConfig
 
 logger = logging.getLogger(__name__)
@@ -175,7 +177,7 @@ class MENDLayer(BaseTunerLayer):
             self._mend_pending = None
 
 
-class Linear(nn.Module, MENDLayer):
+class Linear(ResizeOnLoad, MENDLayer):
     """MEND on an ``nn.Linear``: ``y = base(x) + Σ_active (x Aᵀ) Bᵀ``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MENDConfig, **kwargs: Any) -> None:
@@ -183,21 +185,6 @@ class Linear(nn.Module, MENDLayer):
         MENDLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        self.resize_from_state_dict(state_dict, prefix)  # grown factors: resize before the buffers load
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from odedit_hf.editors.ike.layer import unpad_row
@@ -179,31 +179,36 @@ class SERACModel(BaseTuner):
         parameter_name: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if kwargs:
-            raise ValueError(f"SERACModel._create_and_replace: unknown keyword arguments {sorted(kwargs)}")
-        if parameter_name is not None:
-            raise ValueError(f"SERAC targets modules, not parameter {parameter_name!r} of {current_key!r}")
-        if not isinstance(peft_config, SERACConfig):
-            raise ValueError(f"SERACModel needs a SERACConfig, got {type(peft_config).__name__}")
-        if isinstance(target, SERACLayer):
-            target.update_layer(adapter_name, peft_config)
-            return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, nn.Embedding):
+        from odedit_hf.editing.tuner import replace_target
+
+        def new_layer(module: nn.Module, base: nn.Module) -> nn.Module:
+            if isinstance(base, nn.Linear):
+                return Linear(module, adapter_name, peft_config)
             if current_key != peft_config.embedding_module:
                 raise ValueError(
                     f"SERAC target {current_key!r} is an embedding but not the configured embedding_module "
                     f"{peft_config.embedding_module!r}"
                 )
-            new: nn.Module = Embedding(target, adapter_name, peft_config)
-        elif isinstance(base, nn.Linear):
-            new = Linear(target, adapter_name, peft_config)
-        else:
-            raise ValueError(
-                f"SERAC target {current_key!r} is a {type(base).__name__}; SERAC wraps the input embedding "
-                "(torch.nn.Embedding) and linear layers (torch.nn.Linear)"
-            )
-        self._replace_module(parent, target_name, new, target)
+            return Embedding(module, adapter_name, peft_config)
+
+        replace_target(
+            self,
+            editor="SERAC",
+            config_cls=SERACConfig,
+            layer_cls=SERACLayer,
+            new_layer=new_layer,
+            base_types=(nn.Embedding, nn.Linear),
+            base_hint="SERAC wraps the input embedding and linear layers",
+            peft_config=peft_config,
+            adapter_name=adapter_name,
+            target=target,
+            target_name=target_name,
+            parent=parent,
+            current_key=current_key,
+            parameter_name=parameter_name,
+            kwargs=kwargs,
+            freeze_inactive=False,
+        )
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(NOT_MERGEABLE)

@@ -12,7 +12,7 @@ One FFN carries three cooperating layers (two for a plain FFN), one per :data:`~
 Every tensor is split in a *frozen* block (the neurons of earlier edits, persistent buffers) and the
 *current* block (the neurons of the latest edit, parameters), so an edit trains only its own neurons.
 Neuron counts grow edit by edit; loading resizes the entries to
-the saved shapes (:meth:`TPatcherLayer.resize_to_state_dict`), so
+the saved shapes (:meth:`TPatcherLayer.resize_from_state_dict`), so
 ``PeftModel.from_pretrained(fresh_model, folder)`` reproduces a grown patch.
 """
 
@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from odedit_hf.editing.tuner import ResizeOnLoad
 
 from .config import ROLES, TPatcherConfig
 
@@ -227,7 +229,7 @@ class TPatcherLayer(BaseTunerLayer):
                 container[adapter_name] = tensor.clone()
 
     @torch.no_grad()
-    def resize_to_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
+    def resize_from_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
         """Resize every entry to its shape in ``state_dict`` (keys ``prefix + attr + "." + adapter``).
 
         The neuron count grows with the edits; a fresh layer has none, so loading a saved patch resizes
@@ -263,7 +265,7 @@ class TPatcherLayer(BaseTunerLayer):
         logger.warning("T-Patcher unmerge: nothing is merged")
 
 
-class Linear(nn.Module, TPatcherLayer):
+class Linear(ResizeOnLoad, TPatcherLayer):
     """T-Patcher on one FFN ``nn.Linear`` (its role from the config: key, up or value)."""
 
     def __init__(
@@ -273,21 +275,6 @@ class Linear(nn.Module, TPatcherLayer):
         TPatcherLayer.__init__(self, base_layer, role, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        self.resize_to_state_dict(state_dict, prefix)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def _patched(self) -> list[str]:
         return [name for name in self.active_adapters if self.num_neurons(name) > 0]

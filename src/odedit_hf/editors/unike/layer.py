@@ -35,6 +35,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from odedit_hf.editing.tuner import ResizeOnLoad
 from odedit_hf.editors.tpatcher.layer import Linear as TPatcherLinear
 from odedit_hf.editors.tpatcher.layer import TPatcherLayer
 
@@ -304,7 +305,7 @@ class UniKEMemoryLayer(BaseTunerLayer):
                 container[adapter_name] = tensor.clone()
 
     @torch.no_grad()
-    def resize_to_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
+    def resize_from_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
         """Resize the growing entries to their saved shapes before loading (a fresh layer holds none)."""
         for attr in _GROWING:
             container = getattr(self, attr)
@@ -361,7 +362,7 @@ class UniKEMemoryLayer(BaseTunerLayer):
         logger.warning("UniKE unmerge: nothing is merged")
 
 
-class MemoryLinear(nn.Module, UniKEMemoryLayer):
+class MemoryLinear(ResizeOnLoad, UniKEMemoryLayer):
     """UniKE's latent key-value memory on one self-attention output ``nn.Linear``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: UniKEConfig, **kwargs: Any) -> None:
@@ -369,21 +370,6 @@ class MemoryLinear(nn.Module, UniKEMemoryLayer):
         UniKEMemoryLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        self.resize_to_state_dict(state_dict, prefix)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self.disable_adapters:

@@ -35,6 +35,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from odedit_hf.editing.editor import ConstrainedLayer
+from odedit_hf.editing.tuner import ResizeOnLoad
 
 from .config import IDENTITY_ACT, WISEConfig
 
@@ -420,7 +421,7 @@ class WISELayer(BaseTunerLayer, ConstrainedLayer):
         return mask[:, mask.shape[1] - length :].to(device)
 
 
-class Linear(nn.Module, WISELayer):
+class Linear(ResizeOnLoad, WISELayer):
     """WISE on an ``nn.Linear``: the base output, or (per sequence) a memory's, as the router decides."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: WISEConfig, **kwargs: Any) -> None:
@@ -428,22 +429,6 @@ class Linear(nn.Module, WISELayer):
         WISELayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # a plain load_state_dict of a layer with another number of stored shards: resize first
-        self.resize_from_state_dict(state_dict, prefix)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Not possible for WISE (raises ``ValueError``)."""
