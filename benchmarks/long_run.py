@@ -34,13 +34,37 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def cycled_requests(world: Any, n: int) -> list[Any]:
+POOLS = {
+    "vqa": ("vqa_eval", "vqa_train"),
+    "vqa+caption": ("vqa_eval", "vqa_train", "caption_eval", "caption_train"),
+}
+
+
+def cycled_requests(world: Any, n: int, pool_name: str = "vqa") -> list[Any]:
+    """``n`` requests cycled through the pool's records (in file order), renumbered ``case_id`` 0..n-1.
+
+    ``vqa``: the 180 VQA records (eval + train); ``vqa+caption``: those and the 180 caption records, so up
+    to 360 edits of distinct facts before any record repeats.
+    """
     from odedit_hf.data import load_mmedit
 
     pool = []
-    for path in (world.vqa_eval, world.vqa_train):
-        pool.extend(load_mmedit(path, world.image_root, world.rephrase_image_root))
+    for attr in POOLS[pool_name]:
+        pool.extend(load_mmedit(getattr(world, attr), world.image_root, world.rephrase_image_root))
+    if n > len(pool):
+        print(f"note: {n} edits cycle through {len(pool)} records (targets repeat)", file=sys.stderr)
     return [dataclasses.replace(pool[i % len(pool)], case_id=i) for i in range(n)]
+
+
+def memory_counters(peft_model: Any) -> dict[str, int]:
+    """A memory editor's own counters where it keeps them (WISE: edits, shards stored, merges)."""
+    for module in peft_model.modules():
+        counts = getattr(module, "wise_counts", None)
+        if counts is not None and len(counts):
+            c = next(iter(counts.values())).tolist()
+            memories = next(iter(module.wise_memories.values()))
+            return {"edits": c[0], "shards": c[1], "merges": c[2], "stored_memories": int(memories.shape[0])}
+    return {}
 
 
 def adapter_bytes(peft_model: Any, adapter_name: str = "default") -> int:
@@ -52,17 +76,32 @@ def adapter_bytes(peft_model: Any, adapter_name: str = "default") -> int:
     return total
 
 
-def run_one(method_name: str, world: Any, n: int, checkpoints: list[int], seed: int) -> dict[str, Any]:
+def run_one(
+    method_name: str,
+    world: Any,
+    n: int,
+    checkpoints: list[int],
+    seed: int,
+    options: dict[str, Any] | None = None,
+    pool: str = "vqa",
+) -> dict[str, Any]:
     import gc
 
-    from odedit_hf.editing import build_method
+    from odedit_hf.editing import get_method
     from odedit_hf.evaluation import aggregate, run_protocol
 
     backbone = world.load_backbone()
-    requests = cycled_requests(world, n)
-    method = build_method(method_name, {})
-    rows: list[dict[str, Any]] = []
+    requests = cycled_requests(world, n, pool)
+    method = get_method(method_name, **(options or {}))
     holder: dict[str, Any] = {}
+    edit = method.edit
+
+    def edit_and_remember(peft_model: Any, *args: Any, **kwargs: Any) -> Any:
+        holder["model"] = peft_model  # the counters are read from the adapter at the checkpoints
+        return edit(peft_model, *args, **kwargs)
+
+    object.__setattr__(method, "edit", edit_and_remember)
+    rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     last = [start]
 
@@ -77,12 +116,14 @@ def run_one(method_name: str, world: Any, n: int, checkpoints: list[int], seed: 
                     "edit_s": result.wall_time_s,
                     "since_last_checkpoint_s": now - last[0],
                     "reliability_post": result.post.reliability,
+                    **(memory_counters(holder["model"]) if "model" in holder else {}),
                 }
             )
             last[0] = now
 
     def on_adapter(peft_model: Any) -> None:
         holder["adapter_bytes"] = adapter_bytes(peft_model)
+        holder["model"] = peft_model
 
     run = run_protocol(
         "sequential", method, backbone, requests, seed=seed, on_edit=on_edit, on_adapter=on_adapter
@@ -96,6 +137,8 @@ def run_one(method_name: str, world: Any, n: int, checkpoints: list[int], seed: 
         "edit_s_p90": times[int(0.9 * (len(times) - 1))],
         "run_s": time.perf_counter() - start,
         "adapter_bytes_final": holder.get("adapter_bytes"),
+        "pool": pool,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "final": aggregate(run.results, "final"),
         "post": aggregate(run.results, "post"),
         "config": method.resolved_config(),
@@ -111,7 +154,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out-dir", default="benchmarks/out/long")
+    parser.add_argument("--pool", default="vqa", choices=sorted(POOLS), help="records cycled (default vqa)")
+    parser.add_argument(
+        "--method-arg",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="e.g. wise.save_freq=100",
+    )
+    parser.add_argument("--tag", default="", help="suffix of the JSON file's name")
     args = parser.parse_args(argv)
+    from benchmarks.edit import _check_overrides, _method_options
+
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in args.method_arg:
+        key, _, raw = item.partition("=")
+        method, _, name = key.partition(".")
+        try:
+            overrides.setdefault(method, {})[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides.setdefault(method, {})[name] = raw
+    _check_overrides(overrides, args.methods)
     import torch
     import transformers
 
@@ -120,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     world = build_world(args.world, seed=args.world_seed, progress=False)
-    checkpoints = sorted({1, 10, 100, *range(250, args.n + 1, 250), args.n})
-    results = [run_one(m, world, args.n, checkpoints, args.seed) for m in args.methods]
+    step = 50 if args.n <= 500 else 250
+    checkpoints = sorted({1, 10, 100, *range(step, args.n + 1, step), args.n})
+    results = [
+        run_one(m, world, args.n, checkpoints, args.seed, _method_options(m, overrides), args.pool)
+        for m in args.methods
+    ]
     env = {
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
@@ -134,18 +201,19 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, "long_run.json")
+    path = os.path.join(args.out_dir, f"long_run{'-' + args.tag if args.tag else ''}.json")
     with open(path + ".tmp", "w", encoding="utf-8") as fh:
         json.dump({"environment": env, "runs": results}, fh, indent=1)
     os.replace(path + ".tmp", path)
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
-    print("| method | edit | RSS MiB | edit s | s since previous row | rel (post) |")
-    print("|---|---|---|---|---|---|")
+    print("| method | edit | RSS MiB | edit s | s since previous row | rel (post) | shards | merges |")
+    print("|---|---|---|---|---|---|---|---|")
     for res in results:
         for row in res["rows"]:
             print(
                 f"| {res['method']} | {row['edit']} | {row['rss_mb']:.1f} | {row['edit_s']:.3f} | "
-                f"{row['since_last_checkpoint_s']:.1f} | {row['reliability_post']:.2f} |"
+                f"{row['since_last_checkpoint_s']:.1f} | {row['reliability_post']:.2f} | "
+                f"{row.get('shards', '—')} | {row.get('merges', '—')} |"
             )
     for res in results:
         first100 = next((r["rss_mb"] for r in res["rows"] if r["edit"] == 100), None)
@@ -156,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{res['run_s']:.0f} s, RSS after edit {res['rows'][-1]['edit']} vs 100: {growth}; adapter "
             f"{(res['adapter_bytes_final'] or 0) / 2**20:.2f} MiB; final rel {res['final']['reliability']:.3f} "
             f"M-Loc {res['final']['m_locality']:.3f}"
+        )
+        f = res["final"]
+        print(
+            f"  final: rel {f['reliability']:.3f} T-gen {f['t_generality']:.3f} M-gen {f['m_generality']:.3f} "
+            f"T-loc {f['t_locality']:.3f}/{f['t_locality_easyedit']:.3f} "
+            f"M-loc {f['m_locality']:.3f}/{f['m_locality_easyedit']:.3f}; peak RSS {res['peak_rss_mb']:.0f} MiB"
         )
     print(f"json: {path}")
     return 0
