@@ -474,7 +474,7 @@ def test_demo_images_off_keeps_the_text_only_memory_and_pixels(backbone, image_d
         method, peft_model, _ = _wrap(backbone, k=2, **options)
         seen = {}
 
-        def capture(module, args, kwargs):  # noqa: ANN001, ANN202
+        def capture(module, args, kwargs, seen=seen):  # noqa: ANN001, ANN202
             seen["pixel_values"] = kwargs.get("pixel_values")  # after IKE's pre-hook
 
         handle = backbone.model.register_forward_pre_hook(capture, with_kwargs=True)

@@ -188,7 +188,6 @@ class DemoIndex:
             self._ids[key] = [[int(t) for t in row if drop is None or t not in drop] for row in rows]
         return self._ids[key]
 
-
     def image_inputs(self, backbone: Any) -> DemoImages:
         """:func:`demo_image_inputs` of this index for ``backbone``, computed once per processor."""
         key = id(backbone.processor)
@@ -213,7 +212,10 @@ class DemoImages:
 
     def prefixed(self, ids: Sequence[Sequence[int]]) -> list[list[int]]:
         """Each demonstration's tokens with its image span in front (text-only ones unchanged)."""
-        return [[*self.spans[row], *row_ids] if row >= 0 else list(row_ids) for row_ids, row in zip(ids, self.rows)]
+        return [
+            [*self.spans[row], *row_ids] if row >= 0 else list(row_ids)
+            for row_ids, row in zip(ids, self.rows)
+        ]
 
 
 def image_span(backbone: Any, image: Any) -> tuple[list[int], torch.Tensor]:
@@ -236,7 +238,9 @@ def image_span(backbone: Any, image: Any) -> tuple[list[int], torch.Tensor]:
     extras: dict[str, Any] | None = None
     if not getattr(backbone, "_manual_images", False):
         try:
-            out = backbone.processor(images=[image], text=[text], add_special_tokens=False, return_tensors="pt")
+            out = backbone.processor(
+                images=[image], text=[text], add_special_tokens=False, return_tensors="pt"
+            )
         except ImportError:  # as Backbone._encode_prompt: a processor whose image part needs torchvision
             extras = None
         else:
@@ -284,7 +288,9 @@ def demo_image_inputs(images: Sequence[str | None], backbone: Any) -> DemoImages
     stacked = torch.cat(pixels) if pixels else torch.zeros(0)
     if pixels and backbone.spec.vision_tower is not None:
         stacked = stacked.to(next(backbone.get_module("vision_tower").parameters()).dtype)
-    logger.info("IKE: %d distinct demonstration image(s), %d-token span(s)", len(spans), len(spans[0]) if spans else 0)
+    logger.info(
+        "IKE: %d distinct demonstration image(s), %d-token span(s)", len(spans), len(spans[0]) if spans else 0
+    )
     return DemoImages(spans, [order[p] if p is not None else -1 for p in images], stacked)
 
 

@@ -168,7 +168,9 @@ class IKEModel(BaseTuner):
             for name in dict.fromkeys((module_name, _PEFT_PREFIX + short, short)):
                 found = {b: state_dict.get(f"{name}.{b}") for b in MEMORY_BUFFERS}
                 if all(v is not None for b, v in found.items() if b not in IMAGE_BUFFERS):
-                    state = {b: torch.zeros(v.shape, dtype=v.dtype) for b, v in found.items() if v is not None}
+                    state = {
+                        b: torch.zeros(v.shape, dtype=v.dtype) for b, v in found.items() if v is not None
+                    }
                     module.load_memory(adapter_name, state)
                     break
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
