@@ -71,7 +71,8 @@ class BackboneSpec:
             the order their spans appear (row-major across the batch), nothing else per image. True
             for LLaVA (``LlavaModel`` scatters the image features into the placeholders in that
             order; tested with IKE's image demonstrations). False where odedit-hf has not built and
-            tested it: BLIP-2 (one image per sample, its query tokens sit before BOS), Qwen-VL
+            tested it: BLIP-2 (its processor puts one image's query tokens before BOS, with no
+            placeholder in the prompt), Qwen-VL
             (``image_grid_thw`` per image and M-RoPE positions over ``mm_token_type_ids``), Idefics3 /
             SmolVLM (``pad_images`` batching), and text-only families.
     """
