@@ -6,7 +6,9 @@ demonstrations nearest to the row's prompt and the nearest edited fact(s) -- and
 right after the row's BOS (before the prompt, so an image span is never split), shifting the row to
 the right; rows are right-padded to one length with ``attention_mask`` 0, so every real token keeps
 positions ``0..n-1`` as in an unpadded forward. ``labels``, ``token_type_ids`` and ``mm_token_type_ids``
-are shifted alike (``-100`` / 0 on the context). The forward hook gathers the logits (and hidden states,
+are shifted alike (``-100`` / 0 on the context). Demonstrations that carry an image (their span is in
+their tokens) add its pixels to ``pixel_values`` in the order of the image spans of the final
+``input_ids``, row-major (:meth:`IKEModel._with_demo_images`). The forward hook gathers the logits (and hidden states,
 when returned) back to the ORIGINAL positions, so a caller scoring teacher-forced logits sees
 ``(B, T, V)`` for its own batch. With no fact in memory, with ``disable_adapter()``, or when no IKE
 adapter is active, the forward is the base model's, bit for bit.
