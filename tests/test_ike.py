@@ -575,3 +575,27 @@ def test_demo_image_options_are_validated(tmp_path):  # noqa: ANN001
     (tmp_path / "pic.png").write_bytes(b"")
     records = load_demo_records([{**DEMOS[0], "image": "pic.png"}, DEMOS[1]], image_root=str(tmp_path))
     assert records[0]["image"] == str(tmp_path / "pic.png") and records[1]["image"] is None
+
+
+def test_an_adapter_saved_without_image_buffers_still_loads(backbone, wrapped, requests, tmp_path):  # noqa: ANN001
+    from safetensors.torch import load_file, save_file
+
+    from odedit_hf.editors.ike import attach
+
+    method, peft_model, _ = wrapped  # text-only DEMOS: the image buffers are empty
+    method.edit(peft_model, backbone, [requests[0]])
+    batch = _batch(backbone, requests[0])
+    edited = _logits(peft_model, batch)
+    peft_model.save_pretrained(tmp_path)
+    path = os.path.join(tmp_path, "adapter_model.safetensors")
+    state = load_file(path)
+    old = {k: v for k, v in state.items() if "ike_demo_image" not in k and "ike_demo_pixels" not in k}
+    assert len(old) == 4 < len(state)
+    save_file(old, path)  # as written before the image buffers existed
+    fresh = tiny_backbone("llava", seed=0, texts=TEXTS)
+    loaded = PeftModel.from_pretrained(fresh.model, str(tmp_path))
+    attach(loaded, fresh)
+    layer = loaded.base_model.ike_layer()[0]
+    assert layer.num_demos("default") == 9 and layer.ike_demo_pixels["default"].numel() == 0
+    torch.testing.assert_close(_logits(loaded, batch), edited, rtol=0, atol=1e-6)
+    loaded.unload()
