@@ -390,3 +390,212 @@ def test_minilm_embeddings_rank_paraphrases_first():
     assert emb.shape == (3, 384)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
     assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2]) + 0.1
+
+
+# ------------------------------------------------------------------ demonstrations with images
+@pytest.fixture(scope="module")
+def image_demos(tmp_path_factory):  # noqa: ANN001
+    """DEMOS with an image each (three distinct pictures), and the images' paths."""
+    root = tmp_path_factory.mktemp("ike_demo_images")
+    paths = []
+    for i in range(len(DEMOS)):
+        path = os.path.join(root, f"demo{i}.png")
+        tiny_image(10 + i).save(path)
+        paths.append(path)
+    return [{**record, "image": path} for record, path in zip(DEMOS, paths)], paths
+
+
+def _pixels(backbone, path):  # noqa: ANN001, ANN202
+    from odedit_hf.data.images import load_rgb_image
+
+    return backbone.image_processor(images=[load_rgb_image(path)], return_tensors="pt")["pixel_values"]
+
+
+def _three_rows(backbone, request):  # noqa: ANN001, ANN202
+    samples = eval_samples(request)
+    # an image row, a text row and a row with another image: demo images go before each row's own
+    return backbone.build_batch([samples["reliability"], samples["t_locality"], samples["m_generality"]])
+
+
+def test_image_demonstrations_are_the_base_model_on_their_spans_and_images_in_order(
+    backbone, image_demos, requests
+):  # noqa: ANN001
+    from odedit_hf.editors.ike import demo_texts, fact_context
+
+    demos, paths = image_demos
+    method, peft_model, _ = _wrap(backbone, demos=demos, k=2)
+    try:
+        method.edit(peft_model, backbone, [requests[0]])
+        layer = peft_model.base_model.ike_layer()[0]
+        assert tuple(layer.ike_demo_pixels["default"].shape) == (3, 3, 16, 16)
+        batch = _three_rows(backbone, requests[0])
+        edited = _logits(peft_model, batch)
+        contexts = peft_model.base_model.last_contexts
+        token = backbone.image_token_id
+        span = [token] * backbone.base_model.config.image_seq_length
+        texts = [text for record in demos for _, text in demo_texts(record)]
+        fact_text = fact_context(requests[0].src, requests[0].alt)
+        fact = list(backbone.tokenizer(fact_text, add_special_tokens=False)["input_ids"])
+        own = {0: batch["pixel_values"][:1], 2: batch["pixel_values"][1:2]}
+        seen_orders = set()
+        for row, context in enumerate(contexts):
+            assert len(context.demos) == 2, "the budget must leave both demonstrations"
+            # built independently of the memory: each demonstration's span, then its text; the fact last
+            ids = []
+            for d in context.demos:
+                ids += span + list(backbone.tokenizer(texts[d], add_special_tokens=False)["input_ids"])
+            assert context.ids == ids + fact
+            n = int(batch["attention_mask"][row].sum())
+            row_ids = batch["input_ids"][row, :n].tolist()
+            manual = {"input_ids": torch.tensor([[row_ids[0], *ids, *fact, *row_ids[1:]]])}
+            manual["attention_mask"] = torch.ones_like(manual["input_ids"])
+            pixels = [_pixels(backbone, paths[d // 3]) for d in context.demos]  # record d // 3's image
+            manual["pixel_values"] = torch.cat(pixels + ([own[row]] if row in own else []))
+            seen_orders.add(tuple(d // 3 for d in context.demos))
+            with peft_model.disable_adapter():
+                alone = _logits(peft_model, manual)[0]
+            n_ctx = len(context.ids)
+            expected = torch.cat([alone[:1], alone[1 + n_ctx :]])
+            torch.testing.assert_close(edited[row, :n], expected, rtol=1e-4, atol=1e-4)
+        assert any(len(set(o)) == 2 for o in seen_orders), "two different demo images: the order is tested"
+    finally:
+        peft_model.unload()
+
+
+def test_demo_images_off_keeps_the_text_only_memory_and_pixels(backbone, image_demos, requests):  # noqa: ANN001
+    demos, _ = image_demos
+    batch = _three_rows(backbone, requests[0])
+    results = {}
+    for name, options in (
+        ("off", {"demos": demos, "demo_images": "off"}),
+        ("text records", {"demos": DEMOS}),  # the same records without images: the behaviour before
+        ("auto", {"demos": demos}),
+    ):
+        method, peft_model, _ = _wrap(backbone, k=2, **options)
+        seen = {}
+
+        def capture(module, args, kwargs, seen=seen):  # noqa: ANN001, ANN202
+            seen["pixel_values"] = kwargs.get("pixel_values")  # after IKE's pre-hook
+
+        handle = backbone.model.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            method.edit(peft_model, backbone, [requests[0]])
+            layer = peft_model.base_model.ike_layer()[0]
+            results[name] = (
+                _logits(peft_model, batch),
+                layer.ike_demo_pixels["default"].numel(),
+                [backbone.image_token_id in c.ids for c in peft_model.base_model.last_contexts],
+                seen["pixel_values"] is batch["pixel_values"],
+            )
+        finally:
+            handle.remove()
+            peft_model.unload()
+    for name in ("off", "text records"):
+        logits, n_pixels, spans, same_pixels = results[name]
+        assert n_pixels == 0 and not any(spans) and same_pixels, name
+    assert torch.equal(results["off"][0], results["text records"][0])
+    logits, n_pixels, spans, same_pixels = results["auto"]
+    assert n_pixels > 0 and all(spans) and not same_pixels
+    assert not torch.equal(logits, results["off"][0])
+
+
+def test_save_load_and_rollback_keep_the_demo_images(backbone, image_demos, requests, tmp_path):  # noqa: ANN001
+    from safetensors.torch import load_file
+
+    from odedit_hf.editors.ike import attach
+
+    demos, _ = image_demos
+    method, peft_model, snapshot = _wrap(backbone, demos=demos, k=2)
+    try:
+        method.edit(peft_model, backbone, [requests[0]])
+        batch = _three_rows(backbone, requests[0])
+        edited = _logits(peft_model, batch)
+        peft_model.save_pretrained(tmp_path)
+        saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+        pixel_keys = [key for key in saved if "ike_demo_pixels" in key]
+        assert len(pixel_keys) == 1 and tuple(saved[pixel_keys[0]].shape) == (3, 3, 16, 16)
+        fresh = tiny_backbone("llava", seed=0, texts=TEXTS)
+        loaded = PeftModel.from_pretrained(fresh.model, str(tmp_path))
+        layer = peft_model.base_model.ike_layer()[0]
+        loaded_layer = loaded.base_model.ike_layer()[0]
+        for name in ("ike_demo_ids", "ike_demo_image", "ike_demo_pixels"):
+            assert torch.equal(getattr(loaded_layer, name)["default"], getattr(layer, name)["default"]), name
+        attach(loaded, fresh)
+        torch.testing.assert_close(_logits(loaded, batch), edited, rtol=0, atol=1e-6)
+        loaded.unload()
+        snapshot.restore()  # rollback: no demonstration, no image
+        assert layer.ike_demo_pixels["default"].numel() == 0 and layer.ike_demo_image["default"].numel() == 0
+        with peft_model.disable_adapter():
+            base = _logits(peft_model, batch)
+        assert torch.equal(_logits(peft_model, batch), base)
+        method.edit(peft_model, backbone, [requests[0]])  # the next edit brings them back
+        torch.testing.assert_close(_logits(peft_model, batch), edited, rtol=0, atol=0)
+    finally:
+        peft_model.unload()
+
+
+def test_a_backbone_without_several_images_gets_text_demonstrations_and_one_log_line(
+    backbone, image_demos, requests, caplog
+):  # noqa: ANN001
+    import copy
+    import dataclasses
+    import logging
+
+    from odedit_hf.backbones import get_backbone_spec
+
+    assert get_backbone_spec("llava").accepts_multiple_images
+    for model_type in ("blip-2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "llama"):
+        assert not get_backbone_spec(model_type).accepts_multiple_images, model_type
+    single = copy.copy(backbone)  # the same LLaVA, told it takes one image per sample
+    single.spec = dataclasses.replace(backbone.spec, accepts_multiple_images=False)
+    demos, _ = image_demos
+    method, peft_model, snapshot = _wrap(single, demos=demos, k=2)
+    try:
+        with caplog.at_level(logging.INFO, logger="odedit_hf.editors.ike.method"):
+            method.edit(peft_model, single, [requests[0]])
+            snapshot.restore()
+            method.edit(peft_model, single, [requests[0]])  # demonstrations loaded again: no second line
+        lines = [r.getMessage() for r in caplog.records if "text-only" in r.getMessage()]
+        assert len(lines) == 1 and "'llava'" in lines[0], lines
+        layer = peft_model.base_model.ike_layer()[0]
+        assert layer.num_demos("default") == 9 and layer.ike_demo_pixels["default"].numel() == 0
+        _logits(peft_model, _three_rows(single, requests[0]))
+        assert not any(backbone.image_token_id in c.ids for c in peft_model.base_model.last_contexts)
+    finally:
+        peft_model.unload()
+
+
+def test_demo_image_options_are_validated(tmp_path):  # noqa: ANN001
+    with pytest.raises(ValueError, match="demo_images"):
+        get_method("ike", demo_images="on")
+    with pytest.raises(ValueError, match="demo_image_root"):
+        get_method("ike", demo_image_root=str(tmp_path / "missing"))
+    from odedit_hf.editors.ike import load_demo_records
+
+    (tmp_path / "pic.png").write_bytes(b"")
+    records = load_demo_records([{**DEMOS[0], "image": "pic.png"}, DEMOS[1]], image_root=str(tmp_path))
+    assert records[0]["image"] == str(tmp_path / "pic.png") and records[1]["image"] is None
+
+
+def test_an_adapter_saved_without_image_buffers_still_loads(backbone, wrapped, requests, tmp_path):  # noqa: ANN001
+    from safetensors.torch import load_file, save_file
+
+    from odedit_hf.editors.ike import attach
+
+    method, peft_model, _ = wrapped  # text-only DEMOS: the image buffers are empty
+    method.edit(peft_model, backbone, [requests[0]])
+    batch = _batch(backbone, requests[0])
+    edited = _logits(peft_model, batch)
+    peft_model.save_pretrained(tmp_path)
+    path = os.path.join(tmp_path, "adapter_model.safetensors")
+    state = load_file(path)
+    old = {k: v for k, v in state.items() if "ike_demo_image" not in k and "ike_demo_pixels" not in k}
+    assert len(old) == 4 < len(state)
+    save_file(old, path)  # as written before the image buffers existed
+    fresh = tiny_backbone("llava", seed=0, texts=TEXTS)
+    loaded = PeftModel.from_pretrained(fresh.model, str(tmp_path))
+    attach(loaded, fresh)
+    layer = loaded.base_model.ike_layer()[0]
+    assert layer.num_demos("default") == 9 and layer.ike_demo_pixels["default"].numel() == 0
+    torch.testing.assert_close(_logits(loaded, batch), edited, rtol=0, atol=1e-6)
+    loaded.unload()

@@ -66,6 +66,15 @@ class BackboneSpec:
         text_only_forward: dotted path of the causal LM that :meth:`Backbone.forward` calls for batches
             without images, when the top-level forward requires images (BLIP-2: ``"language_model"``);
             ``None``: the top-level model takes text-only batches.
+        accepts_multiple_images: one sample may carry several images: one placeholder span per image
+            in ``input_ids`` and the images' ``pixel_values`` concatenated along the first dimension in
+            the order their spans appear (row-major across the batch), nothing else per image. True
+            for LLaVA (``LlavaModel`` scatters the image features into the placeholders in that
+            order; tested with IKE's image demonstrations). False where odedit-hf has not built and
+            tested it: BLIP-2 (its processor puts one image's query tokens before BOS, with no
+            placeholder in the prompt), Qwen-VL
+            (``image_grid_thw`` per image and M-RoPE positions over ``mm_token_type_ids``), Idefics3 /
+            SmolVLM (``pad_images`` batching), and text-only families.
     """
 
     model_type: str
@@ -86,6 +95,7 @@ class BackboneSpec:
     mm_token_type_ids: bool = False
     hidden_states_output: str = "hidden_states"
     text_only_forward: str | None = None
+    accepts_multiple_images: bool = False
 
     def __post_init__(self) -> None:
         if not self.model_type:
@@ -132,6 +142,7 @@ def _builtin_specs() -> dict[str, BackboneSpec]:
             vision_tower="model.vision_tower",
             projector="model.multi_modal_projector",
             image_token_rule="llava",
+            accepts_multiple_images=True,
         ),
         BackboneSpec(
             # BLIP-2 wraps a full causal LM (OPT in the released checkpoints) under `language_model`.

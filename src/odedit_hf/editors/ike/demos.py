@@ -10,6 +10,12 @@ The format is IKE's (Zheng et al. 2023), as EasyEdit's ``ike_main.py`` writes it
 and an edited fact ``(p -> t)`` is prepended as its copy demonstration followed by
 ``"New Fact: {p} {t}\\nPrompt:"``, after which the model's own (wrapped) prompt follows.
 
+A training record with an image (``image``, the picture its question is about) gives its three
+demonstrations that image: where the backbone takes several images per sample
+(``BackboneSpec.accepts_multiple_images``), each demonstration's context starts with the image's
+placeholder span as the backbone's processor expands it, and the image's ``pixel_values`` go with it
+(:func:`demo_image_inputs`).
+
 The demonstration index (texts and sentence embeddings) is built once per (source, encoder) and kept
 for the process; token ids once per tokenizer. The embeddings are also cached on disk (safetensors,
 keyed by the SHA-256 of the encoder's name and every text) under ``$ODEDIT_HF_CACHE/ike`` or
@@ -33,11 +39,14 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEMO_KINDS",
     "DemoIndex",
+    "DemoImages",
+    "demo_image_inputs",
     "demo_index",
     "demo_texts",
     "embed_cached",
     "fact_context",
     "fact_key",
+    "image_span",
     "load_demo_records",
 ]
 
@@ -68,7 +77,9 @@ def demo_texts(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def load_demo_records(source: str | Sequence[Any], limit: int | None = None) -> list[dict[str, Any]]:
+def load_demo_records(
+    source: str | Sequence[Any], limit: int | None = None, image_root: str | None = None
+) -> list[dict[str, Any]]:
     """The training records demonstrations are built from.
 
     Args:
@@ -76,6 +87,13 @@ def load_demo_records(source: str | Sequence[Any], limit: int | None = None) -> 
             path of an MMEdit JSON file (a list of records), or the records themselves (mappings or
             :class:`~odedit_hf.data.EditRequest` objects).
         limit: keep the first ``limit`` records.
+        image_root: the folder the records' relative ``image`` paths are under (default: the world's
+            image folder; for a file, the file's folder or its ``images/`` subfolder, as
+            :func:`~odedit_hf.data.load_mmedit` finds it; for records, the paths as given).
+
+    Each returned record has ``src``, ``alt``, ``rephrase``, ``loc``, ``loc_ans`` and ``image`` (the
+    image's path, joined to the root when relative; ``None`` for a text-only record). The image is not
+    read here.
 
     Raises:
         ValueError: an unreadable source, or records without ``src``, ``alt``, ``rephrase``, ``loc``,
@@ -96,6 +114,8 @@ def load_demo_records(source: str | Sequence[Any], limit: int | None = None) -> 
 
             world = build_world(parts[1], int(parts[2]) if len(parts) > 2 else 0, progress=False)
             path = world.vqa_train if task == "vqa" else world.caption_train
+            if image_root is None:
+                image_root = world.image_root
         else:
             path = source
         if not os.path.isfile(path):
@@ -108,6 +128,10 @@ def load_demo_records(source: str | Sequence[Any], limit: int | None = None) -> 
         if not isinstance(raw, list):
             raise ValueError(f"IKE demos: {path} must hold a JSON list of MMEdit records")
         records: list[Any] = raw
+        if image_root is None:
+            from odedit_hf.data.loader import default_image_root
+
+            image_root = default_image_root(path, raw)
     else:
         records = list(source)
     out = []
@@ -119,6 +143,17 @@ def load_demo_records(source: str | Sequence[Any], limit: int | None = None) -> 
             raise ValueError(
                 f"IKE demos: record {i} of {where} has no {', '.join(missing)}; give MMEdit records"
             )
+        image = get("image")
+        if image is not None and not isinstance(image, str):
+            raise ValueError(
+                f"IKE demos: record {i} of {where} has an image of type {type(image).__name__}; "
+                "give its path (a str)"
+            )
+        if isinstance(image, str) and image.strip():
+            image = os.path.join(image_root, image) if image_root and not os.path.isabs(image) else image
+            values["image"] = os.path.abspath(image)
+        else:
+            values["image"] = None
         out.append(values)
     if not out:
         raise ValueError(f"IKE demos: {where} holds no record")
@@ -126,13 +161,24 @@ def load_demo_records(source: str | Sequence[Any], limit: int | None = None) -> 
 
 
 class DemoIndex:
-    """The demonstrations of one source under one encoder: texts, kinds, embeddings ``(D, E)``."""
+    """The demonstrations of one source under one encoder: texts, kinds, embeddings ``(D, E)`` and each
+    demonstration's image path (its record's ``image``; ``None`` for a text-only record)."""
 
-    def __init__(self, texts: list[str], kinds: list[str], embeddings: torch.Tensor) -> None:
+    def __init__(
+        self,
+        texts: list[str],
+        kinds: list[str],
+        embeddings: torch.Tensor,
+        images: list[str | None] | None = None,
+    ) -> None:
         self.texts = texts
         self.kinds = kinds
         self.embeddings = embeddings
+        self.images: list[str | None] = list(images) if images is not None else [None] * len(texts)
+        if len(self.images) != len(texts):
+            raise ValueError(f"DemoIndex: {len(self.images)} image entries for {len(texts)} demonstrations")
         self._ids: dict[tuple[int, frozenset[int]], list[list[int]]] = {}
+        self._image_inputs: dict[int, DemoImages] = {}
 
     def token_ids(self, tokenizer: Any, drop: set[int] | None = None) -> list[list[int]]:
         """Each demonstration's token ids under ``tokenizer`` (no special tokens; ``drop`` ids removed)."""
@@ -142,19 +188,127 @@ class DemoIndex:
             self._ids[key] = [[int(t) for t in row if drop is None or t not in drop] for row in rows]
         return self._ids[key]
 
+    def image_inputs(self, backbone: Any) -> DemoImages:
+        """:func:`demo_image_inputs` of this index for ``backbone``, computed once per processor."""
+        key = id(backbone.processor)
+        if key not in self._image_inputs:
+            self._image_inputs[key] = demo_image_inputs(self.images, backbone)
+        return self._image_inputs[key]
 
-def demo_index(source: str | Sequence[Any], encoder: Any, limit: int | None = None) -> DemoIndex:
+
+class DemoImages:
+    """The demonstrations' images as one backbone takes them.
+
+    Attributes:
+        spans: the placeholder token ids of each distinct image (as the processor expands it).
+        rows: for each demonstration, its image's index in ``spans`` / ``pixels`` (``-1``: none).
+        pixels: ``(N, ...)`` the distinct images' ``pixel_values``, in the vision tower's dtype.
+    """
+
+    def __init__(self, spans: list[list[int]], rows: list[int], pixels: torch.Tensor) -> None:
+        self.spans = spans
+        self.rows = rows
+        self.pixels = pixels
+
+    def prefixed(self, ids: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Each demonstration's tokens with its image span in front (text-only ones unchanged)."""
+        return [
+            [*self.spans[row], *row_ids] if row >= 0 else list(row_ids)
+            for row_ids, row in zip(ids, self.rows)
+        ]
+
+
+def image_span(backbone: Any, image: Any) -> tuple[list[int], torch.Tensor]:
+    """The token ids of one image's placeholder span (the family's ``image_placeholder`` expanded by the
+    backbone's processor, no special tokens) and its ``pixel_values`` ``(1, ...)``.
+
+    Raises:
+        ValueError: the family has no placeholder (its processor adds image tokens itself), the span
+            holds no image token, or the processor returns image inputs besides ``pixel_values``.
+    """
+    from odedit_hf.backbones.processing import encode_with_manual_expansion, image_token_str
+
+    model_type = backbone.spec.model_type
+    if backbone.spec.image_placeholder is None:
+        raise ValueError(
+            f"IKE: the {model_type!r} backbone has no image placeholder, so a demonstration cannot carry "
+            "its image; use demo_images='off'"
+        )
+    text = backbone.spec.image_placeholder.format(image_token=image_token_str(backbone))
+    extras: dict[str, Any] | None = None
+    if not getattr(backbone, "_manual_images", False):
+        try:
+            out = backbone.processor(
+                images=[image], text=[text], add_special_tokens=False, return_tensors="pt"
+            )
+        except ImportError:  # as Backbone._encode_prompt: a processor whose image part needs torchvision
+            extras = None
+        else:
+            ids = out["input_ids"][0].tolist()
+            extras = {
+                k: v
+                for k, v in out.items()
+                if k not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor)
+            }
+    if extras is None:
+        ids, extras = encode_with_manual_expansion(backbone, text, image, add_special_tokens=False)
+    if set(extras) != {"pixel_values"} or backbone.image_token_id not in ids:
+        raise ValueError(
+            f"IKE: the {model_type!r} processor gives an image {sorted(extras)} and span {ids[:8]}...; IKE "
+            "carries images whose only input is pixel_values behind an image-token span (LLaVA); use "
+            "demo_images='off' for this backbone"
+        )
+    return [int(t) for t in ids], extras["pixel_values"]
+
+
+def demo_image_inputs(images: Sequence[str | None], backbone: Any) -> DemoImages:
+    """Read and preprocess the distinct images of ``images`` (one path or ``None`` per demonstration)
+    for ``backbone`` (see :func:`image_span`).
+
+    Raises:
+        ValueError: an image that cannot be read (the message names the file and the fix).
+    """
+    from odedit_hf.data.images import load_rgb_image
+
+    order: dict[str, int] = {}
+    for path in images:
+        if path is not None and path not in order:
+            order[path] = len(order)
+    spans: list[list[int]] = []
+    pixels: list[torch.Tensor] = []
+    for path in order:
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"IKE demos: image file not found: {path}; give demo_image_root (the folder the "
+                "records' image paths are relative to) or demo_images='off'"
+            )
+        span, values = image_span(backbone, load_rgb_image(path, field="image"))
+        spans.append(span)
+        pixels.append(values)
+    stacked = torch.cat(pixels) if pixels else torch.zeros(0)
+    if pixels and backbone.spec.vision_tower is not None:
+        stacked = stacked.to(next(backbone.get_module("vision_tower").parameters()).dtype)
+    logger.info(
+        "IKE: %d distinct demonstration image(s), %d-token span(s)", len(spans), len(spans[0]) if spans else 0
+    )
+    return DemoImages(spans, [order[p] if p is not None else -1 for p in images], stacked)
+
+
+def demo_index(
+    source: str | Sequence[Any], encoder: Any, limit: int | None = None, image_root: str | None = None
+) -> DemoIndex:
     """The :class:`DemoIndex` of ``source`` (see :func:`load_demo_records`) under ``encoder``, built once
     per process for a string source."""
-    key = (source, encoder.name, limit) if isinstance(source, str) else None
+    key = (source, encoder.name, limit, image_root) if isinstance(source, str) else None
     if key is not None and key in _INDEXES:
         return _INDEXES[key]
-    texts, kinds = [], []
-    for record in load_demo_records(source, limit):
+    texts, kinds, images = [], [], []
+    for record in load_demo_records(source, limit, image_root):
         for kind, text in demo_texts(record):
             kinds.append(kind)
             texts.append(text)
-    index = DemoIndex(texts, kinds, embed_cached(texts, encoder))
+            images.append(record["image"])
+    index = DemoIndex(texts, kinds, embed_cached(texts, encoder), images)
     logger.info(
         "IKE: %d demonstrations from %s", len(texts), source if isinstance(source, str) else "records"
     )

@@ -11,7 +11,12 @@ State per adapter name (persistent buffers, grown by edits, resized on load):
 - ``ike_fact_ids[name]``: ``(F, L)`` int64, each edited fact's context tokens, right-padded with ``-1``;
 - ``ike_fact_emb[name]``: ``(F, E)`` float32, each fact's sentence embedding (unit norm);
 - ``ike_demo_ids[name]``: ``(D, L')`` int64, each demonstration's tokens, right-padded with ``-1``;
-- ``ike_demo_emb[name]``: ``(D, E')`` float32, each demonstration's sentence embedding.
+- ``ike_demo_emb[name]``: ``(D, E')`` float32, each demonstration's sentence embedding;
+- ``ike_demo_image[name]``: ``(D,)`` int64, the row of ``ike_demo_pixels`` holding the image of each
+  demonstration, ``-1`` for a text-only one (``(0,)`` when no demonstration carries an image);
+- ``ike_demo_pixels[name]``: ``(N, ...)``, the preprocessed ``pixel_values`` of the demonstrations'
+  images (one row per distinct image, in the vision tower's dtype; ``(0,)`` when there are none). A
+  demonstration with an image starts with that image's placeholder span in ``ike_demo_ids``.
 """
 
 from __future__ import annotations
@@ -31,10 +36,18 @@ from .config import IKEConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MEMORY_BUFFERS", "Embedding", "IKELayer", "pad_rows", "unpad_row"]
+__all__ = ["IMAGE_BUFFERS", "MEMORY_BUFFERS", "Embedding", "IKELayer", "pad_rows", "unpad_row"]
 
+#: The buffers of the demonstrations' images (absent from adapters saved before they existed).
+IMAGE_BUFFERS: tuple[str, ...] = ("ike_demo_image", "ike_demo_pixels")
 #: The buffer dicts that make up one adapter's memory.
-MEMORY_BUFFERS: tuple[str, ...] = ("ike_fact_ids", "ike_fact_emb", "ike_demo_ids", "ike_demo_emb")
+MEMORY_BUFFERS: tuple[str, ...] = (
+    "ike_fact_ids",
+    "ike_fact_emb",
+    "ike_demo_ids",
+    "ike_demo_emb",
+    *IMAGE_BUFFERS,
+)
 
 _NOT_MERGEABLE = (
     "IKE adapters cannot be merged into the base weights: an IKE edit is context prepended to the input, "
@@ -116,6 +129,8 @@ class IKELayer(BaseTunerLayer):
             "ike_fact_emb": emb,
             "ike_demo_ids": ids.clone(),
             "ike_demo_emb": emb.clone(),
+            "ike_demo_image": torch.zeros(0, dtype=torch.long),
+            "ike_demo_pixels": torch.zeros(0, dtype=torch.float32),
         }
 
     # ------------------------------------------------------------------ memory
@@ -124,10 +139,15 @@ class IKELayer(BaseTunerLayer):
         return {name: getattr(self, name)[adapter_name].detach().clone() for name in MEMORY_BUFFERS}
 
     def load_memory(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
-        """Replace the adapter's memory by ``state`` (from :meth:`memory_state` or :meth:`empty_memory`)."""
+        """Replace the adapter's memory by ``state`` (from :meth:`memory_state` or :meth:`empty_memory`;
+        a state without the image buffers, as saved before they existed, gets empty ones)."""
         device = self._device()
+        empty = self.empty_memory()
         for name in MEMORY_BUFFERS:
-            getattr(self, name)[adapter_name] = state[name].detach().clone().to(device)
+            tensor = state.get(name, empty[name] if name in IMAGE_BUFFERS else None)
+            if tensor is None:
+                raise ValueError(f"IKELayer.load_memory: the state has no {name!r}")
+            getattr(self, name)[adapter_name] = tensor.detach().clone().to(device)
 
     def num_facts(self, adapter_name: str) -> int:
         return int(self.ike_fact_ids[adapter_name].shape[0])
@@ -139,10 +159,38 @@ class IKELayer(BaseTunerLayer):
         """Append edited facts (their context token ids and sentence embeddings)."""
         self._append(adapter_name, "ike_fact_ids", "ike_fact_emb", ids, embeddings)
 
-    def set_demos(self, adapter_name: str, ids: Sequence[Sequence[int]], embeddings: torch.Tensor) -> None:
-        """Replace the demonstrations (token ids and sentence embeddings)."""
-        self.ike_demo_ids[adapter_name] = pad_rows(ids).to(self._device())
-        self.ike_demo_emb[adapter_name] = embeddings.detach().to(self._device(), torch.float32).clone()
+    def set_demos(
+        self,
+        adapter_name: str,
+        ids: Sequence[Sequence[int]],
+        embeddings: torch.Tensor,
+        images: Sequence[int] | None = None,
+        pixels: torch.Tensor | None = None,
+    ) -> None:
+        """Replace the demonstrations (token ids and sentence embeddings; with ``images``, the row of
+        ``pixels`` holding each demonstration's image, ``-1`` for none, its span already in ``ids``)."""
+        device = self._device()
+        if (images is None) != (pixels is None):
+            raise ValueError("IKELayer.set_demos: give images and pixels together, or neither")
+        if images is not None and pixels is not None:
+            if len(images) != len(ids) or any(not -1 <= i < pixels.shape[0] for i in images):
+                raise ValueError(
+                    f"IKELayer.set_demos: {len(images)} image indices for {len(ids)} demonstrations and "
+                    f"{pixels.shape[0]} images; each index must be -1 or a row of pixels"
+                )
+            self.ike_demo_image[adapter_name] = torch.as_tensor(list(images), dtype=torch.long).to(device)
+            self.ike_demo_pixels[adapter_name] = pixels.detach().to(device).clone()
+        else:
+            empty = self.empty_memory()
+            self.ike_demo_image[adapter_name] = empty["ike_demo_image"].to(device)
+            self.ike_demo_pixels[adapter_name] = empty["ike_demo_pixels"].to(device)
+        self.ike_demo_ids[adapter_name] = pad_rows(ids).to(device)
+        self.ike_demo_emb[adapter_name] = embeddings.detach().to(device, torch.float32).clone()
+
+    def demo_image(self, adapter_name: str, index: int) -> int:
+        """The row of ``ike_demo_pixels`` of demonstration ``index``'s image, ``-1`` for none."""
+        images = self.ike_demo_image[adapter_name]
+        return int(images[index]) if images.numel() else -1
 
     def _append(
         self, adapter_name: str, ids_name: str, emb_name: str, ids: Sequence[Sequence[int]], emb: torch.Tensor
@@ -168,7 +216,7 @@ class IKELayer(BaseTunerLayer):
             for adapter in list(getattr(self, name).keys()):
                 tensor = state_dict.get(f"{prefix}{name}.{adapter}")
                 if tensor is not None and tuple(tensor.shape) != tuple(getattr(self, name)[adapter].shape):
-                    dtype = getattr(self, name)[adapter].dtype
+                    dtype = tensor.dtype if name == "ike_demo_pixels" else getattr(self, name)[adapter].dtype
                     getattr(self, name)[adapter] = torch.zeros(
                         tensor.shape, dtype=dtype, device=self._device()
                     )

