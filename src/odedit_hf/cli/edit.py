@@ -189,6 +189,12 @@ def add_edit_arguments(
         action="store_true",
         help="run even when the memory estimate printed before the run exceeds the device's free memory",
     )
+    run.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute the decoder layers' activations in each edit's backward pass (less memory, one "
+        "more forward per step; dropout stays off; FT-L, LoRA and ODEdit over them)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -432,7 +438,13 @@ def memory_check(args: argparse.Namespace, method: Any, backbone: Any, requests:
     from odedit_hf.editing.memory import estimate_edit_memory
 
     batch = (args.batch_size or 10) if args.protocol == "batch" else 1
-    estimate = estimate_edit_memory(method, backbone, requests, batch_size=batch)
+    estimate = estimate_edit_memory(
+        method,
+        backbone,
+        requests,
+        batch_size=batch,
+        gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
+    )
     state = getattr(args, "_distributed", None)
     if state is None or state.is_main_process:
         print(estimate.format(), file=sys.stderr)
@@ -606,6 +618,7 @@ def run_edits(
                 seed=args.seed,
                 batch_size=batch_size,
                 on_edit=on_edit,
+                gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
             )
             if run is None:  # not the main process: its rows went to the main one
                 return {}
@@ -619,6 +632,7 @@ def run_edits(
                 batch_size=batch_size,
                 on_edit=on_edit,
                 on_adapter=on_adapter,
+                gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
             )
     finally:
         bar.close()
@@ -704,6 +718,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         with quiet_known_warnings():
             method = build_method(args)  # before loading anything: a bad --method fails fast
+            if getattr(args, "gradient_checkpointing", False):
+                from odedit_hf.editing.checkpointing import check_supported
+
+                check_supported(method)
             check_output_file(args.out)
             device = resolve_device(args.device)
             if state is not None:
@@ -743,6 +761,7 @@ def run(args: argparse.Namespace) -> int:
                 "device_map": placement(backbone.model) if args.device_map else None,
                 "memory_estimate": memory,
                 "prompt_format": "chat" if backbone.uses_chat_template else "raw",
+                "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)),
                 **notes,
             }
             report = run_edits(args, method, backbone, requests, config=config)

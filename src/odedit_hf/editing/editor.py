@@ -168,6 +168,9 @@ class Editor:
         trains_at_edit: whether an edit optimises adapter parameters (IKE only changes prompts).
         needs_training: whether the editor needs a trained artefact before it can edit (MEND, SERAC).
         supports_batch: whether one edit may take several requests (the batch protocol).
+        supports_gradient_checkpointing: whether an edit gives the same result when the decoder layers
+            recompute their forward in the backward pass (``run_protocol(..., gradient_checkpointing=True)``):
+            True only where no forward hook keeps per-forward state; checked by tests/test_checkpointing.py.
     """
 
     name: ClassVar[str] = ""
@@ -177,6 +180,7 @@ class Editor:
     trains_at_edit: ClassVar[bool] = True
     needs_training: ClassVar[bool] = False
     supports_batch: ClassVar[bool] = True
+    supports_gradient_checkpointing: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ what the edit trains
     def peft_config(self, backbone: Backbone) -> PeftConfig:

@@ -13,7 +13,9 @@ The estimate adds up, in bytes:
 * **activations** kept for the backward pass of one step -- a standard transformer estimate (Korthikanti
   et al., 2022: ``s·b·h·(34 + 5·a·s/h)`` bytes per layer in 16-bit, doubled for fp32) on the prompts of one
   step (the edit prompt, its rephrases, the locality prompts; ``batch_size`` requests for the batch
-  protocol), plus the fp32 logits, their softmax and gradient over the vocabulary.
+  protocol), plus the fp32 logits, their softmax and gradient over the vocabulary; with gradient
+  checkpointing, each decoder layer keeps only its input (``s·b·h`` values) and one layer's activations
+  are live at a time during the recompute.
 
 It is an estimate (allocator slack, CUDA context, the Python/torch runtime and fragmentation are not
 counted). It is made after the model is loaded, so the check compares what the run needs beyond the
@@ -143,7 +145,9 @@ def _model_bytes(model: Any, device: Any) -> int:
     return total
 
 
-def _activation_bytes(backbone: Any, requests: list[Any], dtype_bytes: int) -> tuple[int, int]:
+def _activation_bytes(
+    backbone: Any, requests: list[Any], dtype_bytes: int, gradient_checkpointing: bool = False
+) -> tuple[int, int]:
     """(bytes, tokens) of one step's activations on the prompts of ``requests``."""
     from odedit_hf.editing.environments import CORE_GROUPS, build_edit_batch
 
@@ -161,15 +165,26 @@ def _activation_bytes(backbone: Any, requests: list[Any], dtype_bytes: int) -> t
         rows, seq = b["input_ids"].shape
         tokens += int(b["attention_mask"].sum())
         per_layer = seq * rows * hidden * (34 + 5 * heads * seq / max(hidden, 1))  # 16-bit bytes
-        total += int(per_layer * layers * dtype_bytes / 2)
+        if gradient_checkpointing:  # the layers' inputs, plus one layer recomputed at a time
+            total += int(seq * rows * hidden * dtype_bytes * layers + per_layer * dtype_bytes / 2)
+        else:
+            total += int(per_layer * layers * dtype_bytes / 2)
         total += rows * seq * vocab * 4 * 3  # fp32 logits, their softmax and their gradient
     return total, tokens
 
 
 def estimate_edit_memory(
-    method: Any, backbone: Any, requests: list[Any], *, batch_size: int = 1
+    method: Any,
+    backbone: Any,
+    requests: list[Any],
+    *,
+    batch_size: int = 1,
+    gradient_checkpointing: bool = False,
 ) -> MemoryEstimate:
     """The memory estimate of editing ``requests`` with ``method`` on ``backbone`` (see the module docstring).
+
+    ``gradient_checkpointing`` counts the activations as ``run_protocol(..., gradient_checkpointing=True)``
+    keeps them.
 
     The method's adapter is wrapped once on ``backbone.model`` to count its trainable values, and
     unloaded; the base weights are checked unchanged afterwards.
@@ -208,7 +223,9 @@ def estimate_edit_memory(
         base.restore_requires_grad()
     base.check(digest, context="after the memory estimate's trial wrap")
     dtype_bytes = next(model.parameters()).element_size()
-    activations, tokens = _activation_bytes(backbone, list(requests[: max(1, batch_size)]), dtype_bytes)
+    activations, tokens = _activation_bytes(
+        backbone, list(requests[: max(1, batch_size)]), dtype_bytes, gradient_checkpointing
+    )
     extra = getattr(method, "extra_memory_bytes", None)
     placed = set(getattr(model, "hf_device_map", None) or {})
     spread = len({str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}) > 1

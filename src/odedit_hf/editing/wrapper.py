@@ -389,6 +389,16 @@ class Wrapper(Editor):
         """The wrapper's own options, as set (defaults are the config's)."""
         return {k: v for k, v in self.options().items() if k != "editor"}
 
+    #: whether the wrapper's own step is checkpointing-safe (then the wrapped editor decides too)
+    wrapper_supports_gradient_checkpointing: ClassVar[bool] = False
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:  # type: ignore[override]
+        """Checkpointing-safe only when both the wrapper's step and the wrapped editor are."""
+        return type(self).wrapper_supports_gradient_checkpointing and bool(
+            getattr(self.editor, "supports_gradient_checkpointing", False)
+        )
+
     @property
     def loop(self):  # noqa: ANN201 - EditLoopConfig
         """The wrapped editor's loop: a wrapper reuses its editor's step budget and learning rate."""

@@ -61,6 +61,7 @@ def run_protocol_distributed(
     seed: int = 0,
     batch_size: int | None = None,
     on_edit: Any = None,
+    gradient_checkpointing: bool = False,
 ) -> ProtocolRun | None:
     """Run this process's shard of ``protocol`` and gather the shards on the main process.
 
@@ -97,7 +98,16 @@ def run_protocol_distributed(
         lo * chunk,
         hi * chunk - 1,
     )
-    run = run_protocol(protocol, method, backbone, mine, seed=seed, batch_size=batch_size, on_edit=on_edit)
+    run = run_protocol(
+        protocol,
+        method,
+        backbone,
+        mine,
+        seed=seed,
+        batch_size=batch_size,
+        on_edit=on_edit,
+        gradient_checkpointing=gradient_checkpointing,
+    )
     from odedit_hf.editing import model_device
 
     mine_info = {

@@ -312,9 +312,19 @@ class _Session:
 
 
 @contextlib.contextmanager
-def _wrapped(method: EditMethod, backbone: Backbone, seed: int, adapter_name: str) -> Iterator[_Session]:
-    """Seed, wrap ``backbone.model`` with the method's adapter, and unwrap (checking the hash) at exit."""
+def _wrapped(
+    method: EditMethod, backbone: Backbone, seed: int, adapter_name: str, gradient_checkpointing: bool = False
+) -> Iterator[_Session]:
+    """Seed, wrap ``backbone.model`` with the method's adapter, and unwrap (checking the hash) at exit.
+
+    With ``gradient_checkpointing`` the decoder layers recompute their activations in every edit's backward
+    pass (:func:`odedit_hf.editing.checkpointing.eval_mode_checkpointing`; the model stays in eval mode)."""
     from peft import get_peft_model
+
+    from odedit_hf.editing.checkpointing import check_supported, eval_mode_checkpointing
+
+    if gradient_checkpointing:
+        check_supported(method)
 
     model = backbone.model
     if hasattr(model, "peft_config"):
@@ -332,7 +342,8 @@ def _wrapped(method: EditMethod, backbone: Backbone, seed: int, adapter_name: st
         peft_model = get_peft_model(model, method.peft_config(backbone), adapter_name=adapter_name)
         session = _Session(peft_model, base, method.snapshot(peft_model, adapter_name, base=base), digest)
         try:
-            yield session
+            with eval_mode_checkpointing(peft_model, gradient_checkpointing):
+                yield session
         finally:
             peft_model.unload()
             base.restore_requires_grad()
@@ -412,6 +423,7 @@ def run_single(
     adapter_name: str = "default",
     on_edit: OnEdit | None = None,
     on_adapter: OnAdapter | None = None,
+    gradient_checkpointing: bool = False,
 ) -> ProtocolRun:
     """Edit each request on its own: re-initialise the adapter, edit, score, roll back, check the hash."""
     return run_batch(
@@ -423,6 +435,7 @@ def run_single(
         adapter_name=adapter_name,
         on_edit=on_edit,
         on_adapter=on_adapter,
+        gradient_checkpointing=gradient_checkpointing,
         _name="single",
     )
 
@@ -437,6 +450,7 @@ def run_batch(
     adapter_name: str = "default",
     on_edit: OnEdit | None = None,
     on_adapter: OnAdapter | None = None,
+    gradient_checkpointing: bool = False,
     _name: str = "batch",
 ) -> ProtocolRun:
     """Edit ``batch_size`` requests in one optimisation, score each, roll back, check the hash; repeat."""
@@ -447,7 +461,7 @@ def run_batch(
     start = time.perf_counter()
     results: list[EditResult] = []
     stopped: list[bool] = []
-    with _wrapped(method, backbone, seed, adapter_name) as session:
+    with _wrapped(method, backbone, seed, adapter_name, gradient_checkpointing) as session:
         model = session.peft_model
         device = model_device(model)
         for first in range(0, len(requests), batch_size):
@@ -490,6 +504,7 @@ def run_sequential(
     adapter_name: str = "default",
     on_edit: OnEdit | None = None,
     on_adapter: OnAdapter | None = None,
+    gradient_checkpointing: bool = False,
 ) -> ProtocolRun:
     """Apply the edits one after another to one adapter; score each right after it and on the final model."""
     requests = _check_requests(requests, backbone)
@@ -498,7 +513,7 @@ def run_sequential(
     results: list[EditResult] = []
     references: list[LocalityReference] = []
     stopped: list[bool] = []
-    with _wrapped(method, backbone, seed, adapter_name) as session:
+    with _wrapped(method, backbone, seed, adapter_name, gradient_checkpointing) as session:
         model = session.peft_model
         device = model_device(model)
         for request in requests:
@@ -539,11 +554,18 @@ def run_protocol(
     adapter_name: str = "default",
     on_edit: OnEdit | None = None,
     on_adapter: OnAdapter | None = None,
+    gradient_checkpointing: bool = False,
 ) -> ProtocolRun:
     """Run ``protocol`` (one of :data:`PROTOCOLS`); ``batch_size`` is required by, and only allowed for, ``batch``."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    common = {"seed": seed, "adapter_name": adapter_name, "on_edit": on_edit, "on_adapter": on_adapter}
+    common = {
+        "seed": seed,
+        "adapter_name": adapter_name,
+        "on_edit": on_edit,
+        "on_adapter": on_adapter,
+        "gradient_checkpointing": gradient_checkpointing,
+    }
     if protocol == "batch":
         if batch_size is None:
             raise ValueError("the batch protocol needs batch_size (edits per optimisation)")

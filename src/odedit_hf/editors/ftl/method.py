@@ -45,6 +45,7 @@ class FTLMethod(FFNEditor):
 
     name: ClassVar[str] = "ftl"
     aliases: ClassVar[tuple[str, ...]] = ("ft",)
+    supports_gradient_checkpointing: ClassVar[bool] = True  # no forward hook with state (tested)
 
     def __post_init__(self) -> None:
         self._normalise_targets()

@@ -45,6 +45,7 @@ class LoRAMethod(FFNEditor):
     alpha: float = 16.0
 
     name: ClassVar[str] = "lora"
+    supports_gradient_checkpointing: ClassVar[bool] = True  # no forward hook with state (tested)
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:

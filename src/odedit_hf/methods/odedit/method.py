@@ -181,6 +181,7 @@ class ODEditMethod(Wrapper):
 
     name: ClassVar[str] = "odedit"
     config_class: ClassVar[type[ODEditConfig]] = ODEditConfig
+    wrapper_supports_gradient_checkpointing: ClassVar[bool] = True  # tested: same edit with and without
 
     def __init__(self, editor: Editor, objective: Mapping[str, Any] | None = None, **options: Any) -> None:
         self.editor = editor
