@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="take every K-th kept fact (default 1: the first --n, file order)",
     )
+    parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="take --n kept facts evenly spaced over the file (index round(i * kept / n)), so that the "
+        "edits span the relations in proportion; overrides --every",
+    )
     parser.add_argument("--protocol", default="single", choices=("single", "sequential"))
     parser.add_argument("--options", default="{}", help='JSON: {"ftl": {"lr": 1e-3}, ...} (default: none)')
     parser.add_argument("--seed", type=int, default=0)
@@ -76,13 +82,18 @@ def main(argv: list[str] | None = None) -> int:
             f"built {data}: kept {built.n_kept} of {built.n_facts} facts in {time.perf_counter() - start:.0f} s"
         )
     all_requests = list(load_text_edits(data))
-    requests = all_requests[:: args.every][: args.n]
-    train_file = args.train_file or _write_rest(data, {r.case_id for r in requests}, args.every, args.n)
+    if args.spread:
+        picked = sorted({round(i * len(all_requests) / args.n) for i in range(args.n)})
+        requests = [all_requests[i] for i in picked if i < len(all_requests)]
+    else:
+        requests = all_requests[:: args.every][: args.n]
+    pick = "spread" if args.spread else f"every{args.every}"
+    train_file = args.train_file or _write_rest(data, {r.case_id for r in requests}, pick, args.n)
     train_requests = list(load_text_edits(train_file))
     relations = _relations(requests)
     print(
-        f"kept facts {len(all_requests)} of {_n_shipped()} shipped; edited {len(requests)} (every "
-        f"{args.every}-th): {', '.join(f'{k} {v}' for k, v in relations.items())}; not edited "
+        f"kept facts {len(all_requests)} of {_n_shipped()} shipped; edited {len(requests)} "
+        f"({'evenly spread' if args.spread else f'every {args.every}-th'}): {', '.join(f'{k} {v}' for k, v in relations.items())}; not edited "
         f"{len(train_requests)} records in {train_file}"
     )
     prompts = load_fact_prompts(model_dir, "raw")
@@ -100,7 +111,16 @@ def main(argv: list[str] | None = None) -> int:
             method_options["demos"] = train_requests
         method = get_method(name, **method_options)
         start = time.perf_counter()
-        run = run_protocol(args.protocol, method, backbone, requests, seed=args.seed)
+        tag = f"-{args.tag}" if args.tag else ""
+        progress = os.path.join(out_dir, f"text_edit-{name}-{args.protocol}{tag}.progress.jsonl")
+        with open(progress, "w", encoding="utf-8") as handle:
+
+            def on_edit(i: int, result, handle=handle) -> None:
+                # one line per finished edit, so that an interrupted run leaves its rows
+                handle.write(json.dumps({"i": i, **result.to_dict()}, default=str) + "\n")
+                handle.flush()
+
+            run = run_protocol(args.protocol, method, backbone, requests, seed=args.seed, on_edit=on_edit)
         config = method.resolved_config()
         if name == "ike" and not isinstance(options.get(name, {}).get("demos"), str):
             config = {**config, "demos": f"{len(train_requests)} records of {train_file}"}
@@ -109,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
             config={"data": data, "model": model_dir, "train_file": train_file, "method": config},
             requests=requests,
         )
-        tag = f"-{args.tag}" if args.tag else ""
         path = write_json_atomic(os.path.join(out_dir, f"text_edit-{name}-{args.protocol}{tag}.json"), report)
         wall = time.perf_counter() - start
         print(f"\n{format_table(report)}\nwall {wall:.0f} s; results: {path}")
@@ -117,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _write_rest(data: str, edited: set[int], every: int, n: int) -> str:
+def _write_rest(data: str, edited: set[int], pick: str, n: int) -> str:
     """Write the records of ``data`` whose index is not in ``edited`` as a ZsRE file; return its path."""
     import json as _json
 
@@ -127,7 +146,7 @@ def _write_rest(data: str, edited: set[int], every: int, n: int) -> str:
         records = _json.load(f)
     rest = [r for i, r in enumerate(records) if i not in edited]
     stem = os.path.splitext(data)[0]
-    path = f"{stem}-rest-every{every}-n{n}.json"
+    path = f"{stem}-rest-{pick}-n{n}.json"
     return write_json_atomic(path, rest) if rest else data
 
 
@@ -169,7 +188,7 @@ def _append_summary(out_dir: str, name: str, args, report, wall: float, path: st
         "protocol": args.protocol,
         "tag": args.tag,
         "n_edits": report["n_edits"],
-        "every": args.every,
+        "pick": "spread" if args.spread else f"every {args.every}",
         "seed": args.seed,
         "post": {k: aggregates["post"].get(k) for k in keys},
         "final": None if aggregates["final"] is None else {k: aggregates["final"].get(k) for k in keys},
