@@ -57,6 +57,10 @@ def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, where: str)
             f"{where}: expected logits (B, T, V) and labels (B, T) with the same B and T, "
             f"got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
         )
+    if logits.shape[-1] == 0:
+        raise ValueError(
+            f"{where}: the logits have an empty vocabulary dimension (shape {tuple(logits.shape)})"
+        )
 
 
 def _answer_mask(shifted_labels: torch.Tensor, where: str) -> torch.Tensor:
