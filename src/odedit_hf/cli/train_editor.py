@@ -53,6 +53,13 @@ def add_parser(
     parser.add_argument("--n", "--max-records", dest="n", type=int, help="use the first N training records")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the network and the Trainer")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the Trainer's choice)")
+    parser.add_argument(
+        "--prompt-format",
+        default="auto",
+        choices=("auto", "raw", "chat"),
+        help="text-only models: 'raw' plain prompts, 'chat' the tokenizer's chat template (default auto: the "
+        "template when there is one); train in the format you will edit in (odedit-hf edit --prompt-format)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -147,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
                 limit=args.n,
                 device=device,
                 progress=not args.no_progress,
+                prompt_format=args.prompt_format,
             )
     except ValueError as exc:  # CLIError, OptionError and the library's errors are ValueErrors
         print(f"odedit-hf train-editor: error: {exc}", file=sys.stderr)

@@ -244,6 +244,7 @@ def train_editor(
     limit: int | None = None,
     device: str | None = None,
     progress: bool = True,
+    prompt_format: str = "auto",
 ) -> TrainedEditor:
     """Train an editor before editing and write its artefact folder (the Python side of ``train-editor``).
 
@@ -267,6 +268,9 @@ def train_editor(
         limit: use only the first ``limit`` training requests.
         device: ``"cpu"``, ``"cuda"``, ... (default: the Trainer's choice).
         progress: the Trainer's progress bar.
+        prompt_format: for a text-only ``model`` given as a folder: ``raw`` (plain prompts), ``chat`` (the
+            tokenizer's chat template) or ``auto`` (the template when there is one), as ``odedit-hf edit
+            --prompt-format``; train with the format the editor will edit in (the SmolLM2 fact set: raw).
 
     Raises:
         ValueError: a method that cannot be trained (the message says why), a bad ``out``, bad data or options.
@@ -281,8 +285,13 @@ def train_editor(
     if isinstance(model, str):
         from odedit_hf.cli.edit import load_backbone
 
-        backbone = load_backbone(model, device=device, progress=progress)
+        backbone = load_backbone(model, device=device, progress=progress, prompt_format=prompt_format)
     else:
+        if prompt_format != "auto":
+            raise ValueError(
+                "train_editor: prompt_format applies when the model is a folder or Hub id; a Backbone keeps "
+                "the processor it was built with"
+            )
         backbone = model
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
     from odedit_hf.editing.saving import default_mode
