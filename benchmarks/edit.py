@@ -264,6 +264,21 @@ def _check_overrides(overrides: dict[str, dict[str, Any]], methods: list[str]) -
             )
 
 
+def parse_method_args(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``--method-arg METHOD.KEY=VALUE`` items as ``{METHOD: {KEY: value}}`` (JSON values, else the text),
+    checked against the runs' ``methods`` (a key no run reads is refused)."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        method, _, name = key.partition(".")
+        try:
+            overrides.setdefault(method, {})[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides.setdefault(method, {})[name] = raw
+    _check_overrides(overrides, methods)
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", help="embedded world preset (micro, tiny); built and cached on first use")
@@ -292,15 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    overrides: dict[str, dict[str, Any]] = {}
-    for item in args.method_arg:
-        key, _, raw = item.partition("=")
-        method, _, name = key.partition(".")
-        try:
-            overrides.setdefault(method, {})[name] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides.setdefault(method, {})[name] = raw
-    _check_overrides(overrides, [spec.method for spec in args.runs])
+    overrides = parse_method_args(args.method_arg, [spec.method for spec in args.runs])
     model_dir, data_file, image_root, rephrase_root = resolve_inputs(args)
     most = max(spec.n for spec in args.runs)
     requests = list(load_mmedit(data_file, image_root, rephrase_root, limit=most))

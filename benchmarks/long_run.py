@@ -164,17 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tag", default="", help="suffix of the JSON file's name")
     args = parser.parse_args(argv)
-    from benchmarks.edit import _check_overrides, _method_options
+    from benchmarks.edit import _method_options, parse_method_args
 
-    overrides: dict[str, dict[str, Any]] = {}
-    for item in args.method_arg:
-        key, _, raw = item.partition("=")
-        method, _, name = key.partition(".")
-        try:
-            overrides.setdefault(method, {})[name] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides.setdefault(method, {})[name] = raw
-    _check_overrides(overrides, args.methods)
+    overrides = parse_method_args(args.method_arg, args.methods)
     import torch
     import transformers
 
