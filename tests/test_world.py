@@ -500,3 +500,28 @@ def test_world_training_bars_show_the_loss_instead_of_printing_log_dicts(tmp_pat
     out, err = capfd.readouterr()
     assert "{'loss'" not in out + err
     assert "loss=" in err  # on the bar
+
+
+def test_world_info_names_the_model_and_the_machine_it_was_trained_on(micro_world):
+    # the same seed trains another model on a CPU whose kernels take another code path: the world says which
+    import hashlib
+
+    import torch
+
+    from odedit_hf.cli.world import format_table
+
+    info = micro_world.info
+    with open(os.path.join(micro_world.model_dir, "model.safetensors"), "rb") as fh:
+        assert info["model_sha256"] == hashlib.sha256(fh.read()).hexdigest()
+    machine = info["machine"]
+    assert machine["torch"] == torch.__version__ and machine["cpu"]
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(machine["env"]) <= {
+        "ATEN_CPU_CAPABILITY",
+        "MKL_CBWR",
+        "MKL_ENABLE_INSTRUCTIONS",
+        "ONEDNN_MAX_CPU_ISA",
+        "OMP_NUM_THREADS",
+    }
+    table = format_table(micro_world)
+    assert f"model sha256: {info['model_sha256']}" in table and machine["cpu_capability"] in table

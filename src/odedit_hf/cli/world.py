@@ -120,10 +120,26 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _machine_line(info: dict) -> str:
+    # a model copied from an older world version was trained where that world was built
+    machine = (info["model_from"].get("machine") if "model_from" in info else info.get("machine")) or {}
+    if not machine:
+        return "an unrecorded machine"
+    env = " ".join(f"{k}={v}" for k, v in sorted(machine.get("env", {}).items()))
+    return f"{machine.get('cpu')}, kernels {machine.get('cpu_capability')}, torch {machine.get('torch')}" + (
+        f", {env}" if env else ""
+    )
+
+
 def format_table(world) -> str:
     lines = [
         f"world {world.preset} seed {world.seed} (version {world.world_version}) at {world.root}",
         f"  model: {world.model_dir}",
+        *(
+            [f"  model sha256: {world.info['model_sha256']} (trained on {_machine_line(world.info)})"]
+            if world.info.get("model_sha256")
+            else []
+        ),
         f"  data:  {world.data_dir}",
         (
             f"  loaded from the cache (its build took {world.build_seconds:.1f} s)"

@@ -334,6 +334,8 @@ def _reuse_model(root: str, donor: str, world: WorldSpec, threads: int) -> dict[
             "world_version": donor_info.get("world_version"),
             "build_seconds": donor_info.get("build_seconds"),
             "timings": donor_info.get("timings"),
+            "machine": donor_info.get("machine"),
+            "model_sha256": donor_info.get("model_sha256"),
         },
     }
 
@@ -430,6 +432,60 @@ def _build_into(root: str, world: WorldSpec, *, progress: bool, threads: int) ->
     }
 
 
+#: Environment variables that select the CPU code paths of torch's kernels (and so the floating-point
+#: results of training): recorded in ``world_info.json`` when set.
+_KERNEL_ENV = (
+    "ATEN_CPU_CAPABILITY",
+    "MKL_CBWR",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ONEDNN_MAX_CPU_ISA",
+    "OMP_NUM_THREADS",
+)
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_machine() -> dict[str, Any]:
+    """What a build's floating-point results depend on besides the seed: the CPU, the vector instruction set
+    torch's kernels use on it, torch's version and the environment variables that pin kernel code paths.
+
+    The training is deterministic for a given machine type and thread count, but the same seed trains a
+    different model on a CPU whose kernels take another code path (AVX2 vs AVX-512 GEMM and reductions sum
+    in another order); ``world_info.json`` records this beside the model's sha256 so that two worlds can
+    be told apart (see README, "Reproducibility").
+    """
+    import torch
+
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    return {
+        "cpu": _cpu_model(),
+        "cpu_capability": capability() if capability is not None else None,
+        "torch": torch.__version__,
+        "env": {k: os.environ[k] for k in _KERNEL_ENV if k in os.environ},
+    }
+
+
 def build_world(
     preset: str | WorldPreset = "tiny",
     seed: int = 0,
@@ -506,6 +562,8 @@ def build_world(
                 shutil.rmtree(tmp)
                 os.makedirs(tmp)
             info = _build_into(tmp, world, progress=progress, threads=threads)
+        info["model_sha256"] = _file_sha256(os.path.join(tmp, "model", "model.safetensors"))
+        info["machine"] = build_machine()
         write_bytes_atomic(os.path.join(tmp, INFO_FILE), (json.dumps(info, indent=1) + "\n").encode())
         # mkdtemp/mkstemp make private (0700/0600) temporaries: give the world the umask's modes, so a
         # shared cache is readable by whoever the umask allows, as files written with open() would be
