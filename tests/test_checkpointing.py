@@ -16,7 +16,7 @@ from odedit_hf.editing import BaseWeights, get_method
 from odedit_hf.editing.checkpointing import checkpointed_layers, eval_mode_checkpointing
 from odedit_hf.editing.memory import estimate_edit_memory
 from odedit_hf.evaluation import run_protocol
-from odedit_hf.testing import tiny_backbone
+from odedit_hf.testing import tiny_backbone, write_zsre_file
 
 TEXTS = [
     "the capital of france is",
@@ -27,23 +27,9 @@ TEXTS = [
 ]
 
 
-def _zsre(i: int, target: str) -> dict:
-    return {
-        "prompt": "the capital of france is",
-        "target_new": target,
-        "ground_truth": "paris",
-        "rephrase_prompt": "the capital city of france is",
-        "locality_prompt": "the sky over the sea is",
-        "locality_ground_truth": "grey",
-        "case_id": i,
-    }
-
-
 @pytest.fixture(scope="module")
 def zsre_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "zsre.json"
-    path.write_text(json.dumps([_zsre(0, "blue"), _zsre(1, "grey blue")]))
-    return path
+    return write_zsre_file(tmp_path_factory.mktemp("ckpt") / "zsre.json", ["blue", "grey blue"])
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +110,9 @@ def test_unsupported_methods_are_refused_before_wrapping(llama, requests, name):
 
 
 def test_memory_estimate_counts_checkpointed_activations(llama, requests):
-    plain = estimate_edit_memory(get_method("ftl"), llama, requests)
-    ckpt = estimate_edit_memory(get_method("ftl"), llama, requests, gradient_checkpointing=True)
+    # edited in the first layer: the backward runs through all four, whose inputs are all checkpointing keeps
+    plain = estimate_edit_memory(_method("ftl"), llama, requests)
+    ckpt = estimate_edit_memory(_method("ftl"), llama, requests, gradient_checkpointing=True)
     assert 0 < ckpt.activations < plain.activations
     assert ckpt.edit_parameters == plain.edit_parameters
 

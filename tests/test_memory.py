@@ -162,3 +162,79 @@ def test_odedit_counts_its_lambda_network(backbone, requests_):
         assert est.method_state == 8 * n > 0 and plain.method_state == 0  # fp32 weights + their gradients
     off = build_method("odedit+ftl", {"odedit": {"irm_penalty": False}})
     assert estimate_edit_memory(off, backbone, requests_).method_state == 0
+
+
+@pytest.fixture(scope="module")
+def llama_requests(tmp_path_factory):
+    from odedit_hf.data import load_edits
+    from odedit_hf.testing import ZSRE_PROMPTS, write_zsre_file
+
+    text_config = {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 176}
+    llama = tiny_backbone("llama", seed=0, texts=[*ZSRE_PROMPTS, "blue grey"], text_config=text_config)
+    path = write_zsre_file(tmp_path_factory.mktemp("mem-llama") / "zsre.json", ["blue", "grey"])
+    return llama, list(load_edits(path))
+
+
+def _saved_for_backward(method, backbone, requests):
+    """Bytes autograd keeps for the backward of one step on the estimate's prompts (distinct storages
+    alive when the backward would start, parameters and buffers excluded), and the bytes of the logits."""
+    import weakref
+
+    from peft import get_peft_model
+
+    from odedit_hf.editing.environments import CORE_GROUPS, build_edit_batch
+    from odedit_hf.editing.loss import model_inputs, nll_from_logits
+
+    batch = build_edit_batch(backbone, requests, CORE_GROUPS, num_rephrases=1, device="cpu")
+    peft_model = get_peft_model(backbone.model, method.peft_config(backbone))
+    try:
+        skip = {t.untyped_storage().data_ptr() for t in (*peft_model.parameters(), *peft_model.buffers())}
+        saved = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in skip:
+                saved.setdefault(ptr, (weakref.ref(t), t.untyped_storage().nbytes()))
+            return t
+
+        losses, logits_bytes = [], 0
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            for b in batch.batches:
+                logits = peft_model(**model_inputs(b)).logits
+                logits_bytes += logits.numel() * 4
+                losses.append(nll_from_logits(logits, b["labels"]))
+                del logits
+        kept = sum(n for ref, n in saved.values() if ref() is not None)
+        del losses
+    finally:
+        peft_model.unload()
+    return kept, logits_bytes, batch
+
+
+def test_activations_count_the_layers_from_the_lowest_edited_one_and_bound_what_autograd_keeps(
+    llama_requests,
+):
+    llama, requests = llama_requests
+    requests = requests[:1]
+    text = llama.model.config
+    h, i, a = text.hidden_size, text.intermediate_size, text.num_attention_heads
+    est = {
+        layer: estimate_edit_memory(build_method("ftl", {"ftl": {"layers": [layer]}}), llama, requests)
+        for layer in range(4)
+    }
+    assert estimate_edit_memory(build_method("ftl", {}), llama, requests).activations == est[3].activations
+    measured = {
+        layer: _saved_for_backward(build_method("ftl", {"ftl": {"layers": [layer]}}), llama, requests)
+        for layer in (0, 3)
+    }
+    batch = measured[0][2]
+    # each layer below the top one that the backward runs through adds 6h + 3i + a*s values per position
+    per_layer = sum(
+        r * s * (6 * h + 3 * i + a * s) * 4 for r, s in (b["input_ids"].shape for b in batch.batches)
+    )
+    for layer in range(3):
+        assert est[layer].activations - est[layer + 1].activations == per_layer
+    for layer, (saved, logits_bytes, _) in measured.items():
+        # at least what the backward keeps; over it by at most the logits' gradient and the edited layer's
+        # part below the edited module (counted as a whole layer)
+        assert saved <= est[layer].activations <= saved + logits_bytes + per_layer

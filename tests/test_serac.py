@@ -19,7 +19,7 @@ from peft import PeftModel, get_peft_model
 
 import odedit_hf  # noqa: F401  registers the PEFT types
 from odedit_hf.editing import BaseWeights, eval_samples, get_method, model_inputs
-from odedit_hf.testing import tiny_backbone, tiny_image
+from odedit_hf.testing import tiny_backbone, tiny_image, write_zsre_file
 
 TEXTS = [
     "what color is the cube",
@@ -304,20 +304,7 @@ def test_text_only_records_on_a_text_only_decoder(tmp_path):  # noqa: ANN001
     from odedit_hf.editors.serac import SERACTrainingArguments, SERACTrainingConfig, train_serac
     from odedit_hf.evaluation import run_protocol
 
-    def zsre(i: int, target: str) -> dict:
-        return {
-            "prompt": "the capital of france is",
-            "target_new": target,
-            "ground_truth": "paris",
-            "rephrase_prompt": "the capital city of france is",
-            "locality_prompt": "the sky over the sea is",
-            "locality_ground_truth": "grey",
-            "subject": "france",
-            "case_id": i,
-        }
-
-    path = tmp_path / "zsre.json"
-    path.write_text(json.dumps([zsre(0, "blue"), zsre(1, "grey")]))
+    path = write_zsre_file(tmp_path / "zsre.json", ["blue", "grey"], subject="france")
     requests = list(load_edits(path))
     texts = [
         "the capital of france is",

@@ -13,7 +13,7 @@ from odedit_hf.cli.main import main
 from odedit_hf.data import MULTIMODAL_SCORE_FIELDS, EditRequest, load_edits
 from odedit_hf.editing import BaseWeights, get_method, method_class, model_inputs
 from odedit_hf.evaluation import build_report, format_table, run_protocol
-from odedit_hf.testing import tiny_backbone
+from odedit_hf.testing import tiny_backbone, write_zsre_file
 
 from .editor_cases import EDITOR_CASES, WRAPPERS
 
@@ -28,24 +28,11 @@ TEXTS = [
 ]
 
 
-def _zsre(i: int, target: str) -> dict:
-    return {
-        "prompt": "the capital of france is",
-        "target_new": target,
-        "ground_truth": "paris",
-        "rephrase_prompt": "the capital city of france is",
-        "locality_prompt": "the sky over the sea is",
-        "locality_ground_truth": "grey",
-        "subject": "france",
-        "case_id": i,
-    }
-
-
 @pytest.fixture(scope="module")
 def zsre_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "zsre.json"
-    path.write_text(json.dumps([_zsre(0, "blue"), _zsre(1, "the cat")]))
-    return path
+    return write_zsre_file(
+        tmp_path_factory.mktemp("text") / "zsre.json", ["blue", "the cat"], subject="france"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -3,22 +3,11 @@ trained in the prompt format it will edit in (the SmolLM2 fact set is raw)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 import odedit_hf.training as training
 from odedit_hf.cli.main import main
-from odedit_hf.testing import tiny_backbone
-
-RECORD = {
-    "prompt": "the capital of france is",
-    "target_new": "blue",
-    "ground_truth": "paris",
-    "rephrase_prompt": "the capital city of france is",
-    "locality_prompt": "the sky over the sea is",
-    "locality_ground_truth": "grey",
-}
+from odedit_hf.testing import tiny_backbone, write_zsre_file
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +21,7 @@ def chat_llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zsre_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("zsre") / "train.json"
-    path.write_text(json.dumps([dict(RECORD, case_id=i) for i in range(4)]))
-    return str(path)
+    return str(write_zsre_file(tmp_path_factory.mktemp("zsre") / "train.json", ["blue"] * 4))
 
 
 class _Stop(Exception):

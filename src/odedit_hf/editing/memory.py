@@ -10,12 +10,22 @@ The estimate adds up, in bytes:
   first edit, which the line says;
 * the method's **own state** (:meth:`~odedit_hf.editing.Editor.extra_memory_bytes`, e.g. ODEdit's
   λ-network with its gradients);
-* **activations** kept for the backward pass of one step -- a standard transformer estimate (Korthikanti
-  et al., 2022: ``s·b·h·(34 + 5·a·s/h)`` bytes per layer in 16-bit, doubled for fp32) on the prompts of one
-  step (the edit prompt, its rephrases, the locality prompts; ``batch_size`` requests for the batch
-  protocol), plus the fp32 logits, their softmax and gradient over the vocabulary; with gradient
-  checkpointing, each decoder layer keeps only its input (``s·b·h`` values) and one layer's activations
-  are live at a time during the recompute.
+* **activations** kept for the backward pass of one step, on the prompts of one step (the edit prompt,
+  its rephrases, the locality prompts; ``batch_size`` requests for the batch protocol). The base weights
+  are frozen and the backward stops at the lowest decoder layer holding the method's adapter (layers below
+  it run without saving anything for the gradient; every layer when the adapter sits outside the decoder
+  stack, e.g. on the input embedding). Each layer from that one to the top keeps, per position,
+  ``6·h + 3·i + a·s`` values in the model's dtype (``h`` hidden size, ``i`` FFN size, ``a`` heads, ``s``
+  the padded length): the inputs of its two norms, the query and the (expanded) key and value, the
+  attention output, the gate, its activation and the up projection of the FFN, and the attention
+  probabilities where the attention backend saves them (flash / memory-efficient kernels keep only a
+  log-sum-exp). Measured with ``benchmarks/activation_memory.py`` (the tensors autograd saves): 0.7-1.8 %
+  above ``6·h + 3·i`` per layer on the tiny world, a random Llama and SmolLM2-135M, below the count with
+  ``a·s``; the edited layer itself keeps less (only what lies above the edited module: the down
+  projection's input for an FFN edit), which the count does not subtract. Plus, over the vocabulary, three
+  fp32 copies of the logits (autograd keeps about two: the log-softmax and the loss's own; the gradient
+  is the third). With gradient checkpointing, each kept layer keeps only its input (``s·b·h`` values) and
+  one layer's activations are live at a time during the recompute (not measured).
 
 It is an estimate (allocator slack, CUDA context, the Python/torch runtime and fragmentation are not
 counted). It is made after the model is loaded, so the check compares what the run needs beyond the
@@ -145,10 +155,32 @@ def _model_bytes(model: Any, device: Any) -> int:
     return total
 
 
+def _kept_layers(backbone: Any, peft_model: Any) -> int | None:
+    """How many decoder layers an edit's backward runs through: from the lowest one holding an adapter layer
+    of ``peft_model`` to the top; all of them when an adapter layer sits outside the decoder stack (the
+    input embedding); ``None`` when the stack cannot be read."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    try:
+        layers = list(backbone.decoder_layers())
+    except (AttributeError, ValueError):
+        return None
+    index = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
+    found = [index.get(id(m)) for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+    if not found or any(i is None for i in found):
+        return len(layers)
+    return len(layers) - min(found)
+
+
 def _activation_bytes(
-    backbone: Any, requests: list[Any], dtype_bytes: int, gradient_checkpointing: bool = False
+    backbone: Any,
+    requests: list[Any],
+    dtype_bytes: int,
+    gradient_checkpointing: bool = False,
+    kept_layers: int | None = None,
 ) -> tuple[int, int]:
-    """(bytes, tokens) of one step's activations on the prompts of ``requests``."""
+    """(bytes, tokens) of one step's activations on the prompts of ``requests``, for a backward through the
+    top ``kept_layers`` decoder layers (all of them when ``None``); see the module docstring."""
     from odedit_hf.editing.environments import CORE_GROUPS, build_edit_batch
 
     # every group, as a wrapper method's step runs them (text-only records have no rows in the image
@@ -158,18 +190,21 @@ def _activation_bytes(
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(getattr(text, "hidden_size", 0) or 0)
     layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+    if kept_layers is not None and 0 <= kept_layers <= layers:
+        layers = kept_layers
     heads = int(getattr(text, "num_attention_heads", 1) or 1)
+    ffn = int(getattr(text, "intermediate_size", 0) or getattr(text, "ffn_dim", 0) or 4 * hidden)
     vocab = int(getattr(text, "vocab_size", 0) or 0)
     total, tokens = 0, 0
     for b in batch.batches:
         rows, seq = b["input_ids"].shape
         tokens += int(b["attention_mask"].sum())
-        per_layer = seq * rows * hidden * (34 + 5 * heads * seq / max(hidden, 1))  # 16-bit bytes
-        if gradient_checkpointing:  # the layers' inputs, plus one layer recomputed at a time
-            total += int(seq * rows * hidden * dtype_bytes * layers + per_layer * dtype_bytes / 2)
+        per_layer = rows * seq * (6 * hidden + 3 * ffn + heads * seq) * dtype_bytes
+        if gradient_checkpointing:  # the kept layers' inputs, plus one layer recomputed at a time
+            total += rows * seq * hidden * dtype_bytes * layers + (per_layer if layers else 0)
         else:
-            total += int(per_layer * layers * dtype_bytes / 2)
-        total += rows * seq * vocab * 4 * 3  # fp32 logits, their softmax and their gradient
+            total += per_layer * layers
+        total += rows * seq * vocab * 4 * 3  # fp32 logits, their log-softmax and their gradient
     return total, tokens
 
 
@@ -218,13 +253,14 @@ def estimate_edit_memory(
             params = []
         num = sum(p.numel() for p in params)
         edit_bytes = sum(p.numel() * p.element_size() for p in params)
+        kept = _kept_layers(backbone, peft_model)
     finally:
         peft_model.unload()
         base.restore_requires_grad()
     base.check(digest, context="after the memory estimate's trial wrap")
     dtype_bytes = next(model.parameters()).element_size()
     activations, tokens = _activation_bytes(
-        backbone, list(requests[: max(1, batch_size)]), dtype_bytes, gradient_checkpointing
+        backbone, list(requests[: max(1, batch_size)]), dtype_bytes, gradient_checkpointing, kept
     )
     extra = getattr(method, "extra_memory_bytes", None)
     placed = set(getattr(model, "hf_device_map", None) or {})

@@ -9,6 +9,8 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from odedit_hf.editing.tuner import EditorTuner
+
 from .config import FTLConfig
 from .layer import FTLLayer, Linear
 
@@ -17,7 +19,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["FTLModel"]
 
 
-class FTLModel(BaseTuner):
+class FTLModel(EditorTuner, BaseTuner):
     """FT-L as a peft tuner: ``get_peft_model(model, FTLConfig(...))`` builds it.
 
     ``_create_and_replace`` is reusable on its own: a wrapper method (ODEdit) can call it for each
@@ -27,6 +29,8 @@ class FTLModel(BaseTuner):
     prefix: str = "ftl_"
     tuner_layer_cls = FTLLayer
     target_module_mapping: dict[str, list[str]] = {}
+    editor_label = "FT-L"
+    config_cls = FTLConfig
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict[str, Any]) -> PeftConfig:
         if peft_config.target_modules is not None:
@@ -48,31 +52,7 @@ class FTLModel(BaseTuner):
         )
         return peft_config
 
-    def _create_and_replace(
-        self,
-        peft_config: PeftConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        from odedit_hf.editing.tuner import replace_linear_target
-
-        replace_linear_target(
-            self,
-            editor="FT-L",
-            config_cls=FTLConfig,
-            layer_cls=FTLLayer,
-            new_layer=lambda t: Linear(t, adapter_name, peft_config),
-            peft_config=peft_config,
-            adapter_name=adapter_name,
-            target=target,
-            target_name=target_name,
-            parent=parent,
-            current_key=current_key,
-            parameter_name=parameter_name,
-            kwargs=kwargs,
-        )
+    def _new_layer(
+        self, target: nn.Module, base: nn.Module, adapter_name: str, peft_config: PeftConfig, current_key: str
+    ) -> nn.Module:
+        return Linear(target, adapter_name, peft_config)

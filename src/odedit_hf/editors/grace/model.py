@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
+
+from odedit_hf.editing.tuner import EditorTuner
 
 from .config import GRACEConfig
 from .layer import _NOT_MERGEABLE, GRACELayer, Linear, checkpoint_value_rows
@@ -20,7 +21,7 @@ __all__ = ["GRACEModel"]
 _PEFT_PREFIX = "base_model.model."
 
 
-class GRACEModel(BaseTuner):
+class GRACEModel(EditorTuner, BaseTuner):
     """GRACE as a peft tuner: ``get_peft_model(model, GRACEConfig(target_modules=[...]))`` builds it.
 
     Loading a checkpoint resizes every codebook to the checkpoint's size first
@@ -31,35 +32,13 @@ class GRACEModel(BaseTuner):
     prefix: str = "grace_"
     tuner_layer_cls = GRACELayer
     target_module_mapping: dict[str, list[str]] = {}
+    editor_label = "GRACE"
+    config_cls = GRACEConfig
 
-    def _create_and_replace(
-        self,
-        peft_config: PeftConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        from odedit_hf.editing.tuner import replace_linear_target
-
-        replace_linear_target(
-            self,
-            editor="GRACE",
-            config_cls=GRACEConfig,
-            layer_cls=GRACELayer,
-            new_layer=lambda t: Linear(t, adapter_name, peft_config),
-            peft_config=peft_config,
-            adapter_name=adapter_name,
-            target=target,
-            target_name=target_name,
-            parent=parent,
-            current_key=current_key,
-            parameter_name=parameter_name,
-            kwargs=kwargs,
-        )
+    def _new_layer(
+        self, target: nn.Module, base: nn.Module, adapter_name: str, peft_config: PeftConfig, current_key: str
+    ) -> nn.Module:
+        return Linear(target, adapter_name, peft_config)
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(_NOT_MERGEABLE)

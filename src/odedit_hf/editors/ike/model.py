@@ -33,6 +33,8 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from odedit_hf.editing.tuner import EditorTuner
+
 from .config import IKEConfig
 from .layer import _NOT_MERGEABLE, IMAGE_BUFFERS, MEMORY_BUFFERS, Embedding, IKELayer, unpad_row
 
@@ -92,7 +94,7 @@ class RowContext:
     images: list[int] = field(default_factory=list)
 
 
-class IKEModel(BaseTuner):
+class IKEModel(EditorTuner, BaseTuner):
     """IKE as a peft tuner: ``get_peft_model(model, IKEConfig(target_modules=[embedding name]))``.
 
     Merging raises (a context is not a weight delta); ``unload()`` removes the hooks and the layer.
@@ -101,6 +103,11 @@ class IKEModel(BaseTuner):
     prefix: str = "ike_"
     tuner_layer_cls = IKELayer
     target_module_mapping: dict[str, list[str]] = {}
+    editor_label = "IKE"
+    config_cls = IKEConfig
+    base_types = (nn.Embedding,)
+    base_hint = "target the model's input embedding (model.get_input_embeddings())"
+    freeze_inactive = False
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
         super().__init__(model, config, adapter_name, **kwargs)
@@ -113,37 +120,10 @@ class IKEModel(BaseTuner):
         ]
 
     # ------------------------------------------------------------------ peft plumbing
-    def _create_and_replace(
-        self,
-        peft_config: PeftConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        from odedit_hf.editing.tuner import replace_target
-
-        replace_target(
-            self,
-            editor="IKE",
-            config_cls=IKEConfig,
-            layer_cls=IKELayer,
-            new_layer=lambda module, _base: Embedding(module, adapter_name, peft_config),
-            base_types=(nn.Embedding,),
-            base_hint="target the model's input embedding (model.get_input_embeddings())",
-            peft_config=peft_config,
-            adapter_name=adapter_name,
-            target=target,
-            target_name=target_name,
-            parent=parent,
-            current_key=current_key,
-            parameter_name=parameter_name,
-            kwargs=kwargs,
-            freeze_inactive=False,
-        )
+    def _new_layer(
+        self, target: nn.Module, base: nn.Module, adapter_name: str, peft_config: PeftConfig, current_key: str
+    ) -> nn.Module:
+        return Embedding(target, adapter_name, peft_config)
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(_NOT_MERGEABLE)

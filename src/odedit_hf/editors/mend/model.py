@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
+
+from odedit_hf.editing.tuner import EditorTuner
 
 from .config import MENDConfig
 from .layer import Linear, MENDLayer
@@ -20,7 +21,7 @@ __all__ = ["MENDModel"]
 _PEFT_PREFIX = "base_model.model."
 
 
-class MENDModel(BaseTuner):
+class MENDModel(EditorTuner, BaseTuner):
     """MEND as a peft tuner: ``get_peft_model(model, MENDConfig(target_modules=[...]))``.
 
     The adapter trains nothing by gradient descent at edit time (the hypernetwork computes the update),
@@ -31,35 +32,13 @@ class MENDModel(BaseTuner):
     prefix: str = "mend_"
     tuner_layer_cls = MENDLayer
     target_module_mapping: dict[str, list[str]] = {}
+    editor_label = "MEND"
+    config_cls = MENDConfig
 
-    def _create_and_replace(
-        self,
-        peft_config: PeftConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        from odedit_hf.editing.tuner import replace_linear_target
-
-        replace_linear_target(
-            self,
-            editor="MEND",
-            config_cls=MENDConfig,
-            layer_cls=MENDLayer,
-            new_layer=lambda t: Linear(t, adapter_name, peft_config),
-            peft_config=peft_config,
-            adapter_name=adapter_name,
-            target=target,
-            target_name=target_name,
-            parent=parent,
-            current_key=current_key,
-            parameter_name=parameter_name,
-            kwargs=kwargs,
-        )
+    def _new_layer(
+        self, target: nn.Module, base: nn.Module, adapter_name: str, peft_config: PeftConfig, current_key: str
+    ) -> nn.Module:
+        return Linear(target, adapter_name, peft_config)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for p in model.parameters():

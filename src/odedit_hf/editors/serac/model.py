@@ -38,6 +38,7 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from odedit_hf.editing.tuner import EditorTuner
 from odedit_hf.editors.ike.layer import unpad_row
 
 from .config import SERACConfig
@@ -134,7 +135,7 @@ def prefix_inputs(
     return new_kwargs, index, inserts
 
 
-class SERACModel(BaseTuner):
+class SERACModel(EditorTuner, BaseTuner):
     """SERAC as a peft tuner: ``get_peft_model(model, SERACConfig(...))`` (see the module docstring).
 
     Merging raises (a routed cache is not a weight delta); ``unload()`` removes the hooks and the layers.
@@ -152,6 +153,11 @@ class SERACModel(BaseTuner):
     prefix: str = "serac_"
     tuner_layer_cls = SERACLayer
     target_module_mapping: dict[str, list[str]] = {}
+    editor_label = "SERAC"
+    config_cls = SERACConfig
+    base_types = (nn.Embedding, nn.Linear)
+    base_hint = "SERAC wraps the input embedding and linear layers"
+    freeze_inactive = False
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
         super().__init__(model, config, adapter_name, **kwargs)
@@ -168,47 +174,17 @@ class SERACModel(BaseTuner):
         ]
 
     # ------------------------------------------------------------------ peft plumbing
-    def _create_and_replace(
-        self,
-        peft_config: PeftConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        from odedit_hf.editing.tuner import replace_target
-
-        def new_layer(module: nn.Module, base: nn.Module) -> nn.Module:
-            if isinstance(base, nn.Linear):
-                return Linear(module, adapter_name, peft_config)
-            if current_key != peft_config.embedding_module:
-                raise ValueError(
-                    f"SERAC target {current_key!r} is an embedding but not the configured embedding_module "
-                    f"{peft_config.embedding_module!r}"
-                )
-            return Embedding(module, adapter_name, peft_config)
-
-        replace_target(
-            self,
-            editor="SERAC",
-            config_cls=SERACConfig,
-            layer_cls=SERACLayer,
-            new_layer=new_layer,
-            base_types=(nn.Embedding, nn.Linear),
-            base_hint="SERAC wraps the input embedding and linear layers",
-            peft_config=peft_config,
-            adapter_name=adapter_name,
-            target=target,
-            target_name=target_name,
-            parent=parent,
-            current_key=current_key,
-            parameter_name=parameter_name,
-            kwargs=kwargs,
-            freeze_inactive=False,
-        )
+    def _new_layer(
+        self, target: nn.Module, base: nn.Module, adapter_name: str, peft_config: PeftConfig, current_key: str
+    ) -> nn.Module:
+        if isinstance(base, nn.Linear):
+            return Linear(target, adapter_name, peft_config)
+        if current_key != peft_config.embedding_module:
+            raise ValueError(
+                f"SERAC target {current_key!r} is an embedding but not the configured embedding_module "
+                f"{peft_config.embedding_module!r}"
+            )
+        return Embedding(target, adapter_name, peft_config)
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(NOT_MERGEABLE)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
+
+from odedit_hf.editing.tuner import EditorTuner
 
 from .config import TPatcherConfig
 from .layer import Linear, TPatcherLayer
@@ -17,7 +18,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["TPatcherModel"]
 
 
-class TPatcherModel(BaseTuner):
+class TPatcherModel(EditorTuner, BaseTuner):
     """T-Patcher as a peft tuner: ``get_peft_model(model, TPatcherConfig(...))`` builds it.
 
     The config names the FFN's key, (up) and value projections; each becomes a :class:`~.layer.Linear`
@@ -27,47 +28,21 @@ class TPatcherModel(BaseTuner):
     prefix: str = "tpatcher_"
     tuner_layer_cls = TPatcherLayer
     target_module_mapping: dict[str, list[str]] = {}
+    editor_label = "T-Patcher"
+    config_cls = TPatcherConfig
 
-    def _create_and_replace(
-        self,
-        peft_config: PeftConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        from odedit_hf.editing.tuner import replace_linear_target
+    def _new_layer(
+        self, target: nn.Module, base: nn.Module, adapter_name: str, peft_config: PeftConfig, current_key: str
+    ) -> nn.Module:
+        return Linear(target, adapter_name, peft_config, peft_config.role_of(current_key))
 
-        if not isinstance(peft_config, TPatcherConfig):
-            raise ValueError(f"TPatcherModel needs a TPatcherConfig, got {type(peft_config).__name__}")
+    def _check_existing(self, layer: nn.Module, peft_config: PeftConfig, current_key: str) -> None:
         role = peft_config.role_of(current_key)
-
-        def same_role(layer: nn.Module) -> None:
-            if layer.role != role:
-                raise ValueError(
-                    f"T-Patcher: {current_key!r} is the {layer.role} projection of another adapter, "
-                    f"not the {role} projection; all T-Patcher adapters of a model must patch the same FFN roles"
-                )
-
-        replace_linear_target(
-            self,
-            editor="T-Patcher",
-            config_cls=TPatcherConfig,
-            layer_cls=TPatcherLayer,
-            new_layer=lambda t: Linear(t, adapter_name, peft_config, role),
-            peft_config=peft_config,
-            adapter_name=adapter_name,
-            target=target,
-            target_name=target_name,
-            parent=parent,
-            current_key=current_key,
-            parameter_name=parameter_name,
-            kwargs=kwargs,
-            check_existing=same_role,
-        )
+        if layer.role != role:
+            raise ValueError(
+                f"T-Patcher: {current_key!r} is the {layer.role} projection of another adapter, "
+                f"not the {role} projection; all T-Patcher adapters of a model must patch the same FFN roles"
+            )
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(

@@ -12,6 +12,8 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from odedit_hf.editing.tuner import EditorTuner
+
 from .config import WISEConfig
 from .layer import NOT_MERGEABLE, AttentionMaskHolder, Linear, WISELayer
 
@@ -63,7 +65,7 @@ def _detach_mask_holders(model: nn.Module) -> None:
                 handle.remove()
 
 
-class WISEModel(BaseTuner):
+class WISEModel(EditorTuner, BaseTuner):
     """WISE as a peft tuner: ``get_peft_model(model, WISEConfig(target_modules=[...]))`` builds it.
 
     Loading a checkpoint resizes every layer's stored shards to the checkpoint's count first
@@ -74,41 +76,23 @@ class WISEModel(BaseTuner):
     prefix: str = "wise_"
     tuner_layer_cls = WISELayer
     target_module_mapping: dict[str, list[str]] = {}
+    editor_label = "WISE"
+    config_cls = WISEConfig
 
-    def _create_and_replace(
-        self,
-        peft_config: PeftConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: str | None = None,
-        **kwargs: Any,
+    def _new_layer(
+        self, target: nn.Module, base: nn.Module, adapter_name: str, peft_config: PeftConfig, current_key: str
+    ) -> nn.Module:
+        return Linear(target, adapter_name, peft_config)
+
+    def _after_replace(
+        self, module: nn.Module, adapter_name: str, peft_config: PeftConfig, current_key: str
     ) -> None:
-        from odedit_hf.editing.tuner import replace_linear_target
-
-        target = replace_linear_target(
-            self,
-            editor="WISE",
-            config_cls=WISEConfig,
-            layer_cls=WISELayer,
-            new_layer=lambda t: Linear(t, adapter_name, peft_config),
-            peft_config=peft_config,
-            adapter_name=adapter_name,
-            target=target,
-            target_name=target_name,
-            parent=parent,
-            current_key=current_key,
-            parameter_name=parameter_name,
-            kwargs=kwargs,
-        )
         mask_module = peft_config.mask_module
         if mask_module is None:
             found = _STACK.match(current_key)
             mask_module = found.group(1) if found else None
-        if mask_module is not None and target._wise_attention is None:
-            target._wise_attention = _attach_mask_holder(self.model, mask_module)
+        if mask_module is not None and module._wise_attention is None:
+            module._wise_attention = _attach_mask_holder(self.model, mask_module)
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(NOT_MERGEABLE)
