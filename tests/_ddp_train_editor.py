@@ -2,7 +2,8 @@
 (gloo), then every rank loads the artefact the main process wrote and edits with it. Each rank writes what
 it ended with into OUT_DIR/<method>-rank<r>.json (not stdout: two ranks' lines can interleave in one pipe):
 digests of the trained weights (MEND: the hypernetwork with its statistics; ODEdit+MEND: also the
-λ-network, and λ before and after; SERAC: the classifier and counterfactual tensors) and of the artefact.
+λ-network, and λ before and after; SERAC: the classifier and counterfactual tensors), of the artefact, and
+how many times this rank wrote an artefact.
 
 Usage: _ddp_train_editor.py MODEL_DIR DATA OUT_DIR METHOD[,METHOD...] [train-editor arguments...]
 """
@@ -53,8 +54,18 @@ def _patch() -> None:
     MENDTrainer.close = recording_close
     ODEditMENDTrainer.__init__ = recording_init
 
+    from odedit_hf.editors.mend import hypernet
     from odedit_hf.editors.serac import trainer as serac_trainer
 
+    def counted(write):  # noqa: ANN001, ANN202
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            STATE["writes"] = int(STATE.get("writes", 0)) + 1  # artefact writes on this rank
+            return write(*args, **kwargs)
+
+        return wrapper
+
+    hypernet.save_net = counted(hypernet.save_net)
+    serac_trainer.save_artefact = counted(serac_trainer.save_artefact)
     adapter_tensors = serac_trainer.adapter_tensors
 
     def recording_tensors(model, adapter):  # noqa: ANN001, ANN202
@@ -124,6 +135,7 @@ def main(model_dir: str, data: str, out_dir: str, methods: str, extra: list[str]
             "world": torch.distributed.get_world_size(),
             "artefact": _artefact_digest(artefact),  # every rank returns once the artefact is written
             "edits": _edits(method, model_dir, data, artefact),
+            "writes": 0,
             **STATE,
         }
         with open(os.path.join(out_dir, f"{method}-rank{rank}.json"), "w", encoding="utf-8") as fh:

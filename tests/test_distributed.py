@@ -197,6 +197,7 @@ def test_editor_training_on_two_processes_agrees_and_writes_one_artefact(micro_w
     for method in methods:
         rows = [json.loads((tmp_path / f"{method}-rank{r}.json").read_text()) for r in (0, 1)]
         assert [r["rank"] for r in rows] == [0, 1] and all(r["world"] == 2 for r in rows)
+        assert [r["writes"] for r in rows] == [1, 0], f"{method}: the main process writes, alone"
         assert rows[0]["artefact"] == rows[1]["artefact"]  # every rank returned after the one write
         assert all(r["edits"] for r in rows), f"{method}: the artefact did not edit"
         key = "serac" if method == "serac" else "net"
