@@ -311,10 +311,10 @@ def train_editor(
             tokenizer's chat template) or ``auto`` (the template when there is one), as ``odedit-hf edit
             --prompt-format``; train with the format the editor will edit in (the SmolLM2 fact set: raw).
 
-    Under several processes (``torchrun --nproc_per_node N`` or ``accelerate launch --num_processes N``; see
-    ``docs/SCALE.md``) every process loads the model and the split, trains a replica (the Trainer all-reduces
-    the gradients; ``per_device_train_batch_size`` requests per process and step), and only the main process
-    writes ``out``; every process returns once it is written.
+    Under several processes (``torchrun --nproc_per_node N`` or ``accelerate launch --num_processes N``;
+    ``docs/editors/mend.md``, "Training on several processes") every process loads the model and the split
+    and trains a replica (the Trainer all-reduces the gradients; ``per_device_train_batch_size`` requests per
+    process and step); only the main process writes ``out``, and every process returns once it is written.
 
     Raises:
         ValueError: a method that cannot be trained (the message says why), a bad ``out``, bad data or options.
