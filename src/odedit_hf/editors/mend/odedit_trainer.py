@@ -16,7 +16,9 @@ in :class:`~odedit_hf.methods.odedit.trainer.ODEditTrainer`). The Trainer's opti
 (descent) step on the hypernetwork; right after each optimiser step ODEdit's own callback runs the dual
 (ascent) step on the λ-network (:func:`~odedit_hf.methods.odedit.objective.dual_step`, ODEditTrainer's
 ``dual_step``): under gradient accumulation the signal ``∂loss/∂λ`` is summed over the accumulated backwards
-and the dual step runs once per optimiser step, never per micro-batch. The per-edit schedule of ODEdit
+and the dual step runs once per optimiser step, never per micro-batch; under several processes the
+signal is averaged over the processes first (as the hypernetwork's gradients are, through DDP's forward), so
+every process's λ-network takes the same step. The per-edit schedule of ODEdit
 (``schedule``, ``warmup_steps``, ``penalty_steps``, ``stop_penalty``) has no meaning here and is not used.
 
 Validation reports ``eval_loss`` = the ODEdit risk without the penalty (``R_rel + alpha·R_loc + beta·R_gen``:

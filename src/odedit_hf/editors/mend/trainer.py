@@ -23,6 +23,14 @@ accuracy of the edit and rephrase prompts and the top-1 agreement on the localit
 network by ``metric_for_best_model`` is kept in memory and restored when training ends, and
 :class:`transformers.EarlyStoppingCallback` stops training after ``early_stopping_patience`` evaluations
 without improvement.
+
+Under several processes (``torchrun`` / ``accelerate launch``) the loss is the forward of the module the
+Trainer wraps in ``DistributedDataParallel`` (:class:`_NetHolder`), so the backward all-reduces the
+hypernetwork's gradients; the statistics pass is split over the processes and merged
+(:meth:`MENDTrainer.fill_statistics`); the validation figures are gathered one row per request
+(:meth:`MENDTrainer.record_eval`) and the training logs' terms summed over the processes: every replica
+trains, evaluates and keeps the same network. ``N`` processes of one request each train what one process
+trains with ``gradient_accumulation_steps = N``.
 """
 
 from __future__ import annotations
