@@ -1,5 +1,6 @@
 """The single protocol sharded over two processes (torchrun, gloo on CPU) writes the results one process
-writes; each edit's outcome depends on its own seed only, so any subset of the requests reproduces its rows."""
+writes; each edit's outcome depends on its own seed only, so any subset of the requests reproduces its rows.
+The ODEdit Trainer and editor training (MEND, ODEdit+MEND, SERAC) on two processes keep their replicas equal."""
 
 from __future__ import annotations
 
