@@ -1,5 +1,6 @@
 """The single protocol sharded over two processes (torchrun, gloo on CPU) writes the results one process
-writes; each edit's outcome depends on its own seed only, so any subset of the requests reproduces its rows."""
+writes; each edit's outcome depends on its own seed only, so any subset of the requests reproduces its rows.
+The ODEdit Trainer and editor training (MEND, ODEdit+MEND, SERAC) on two processes keep their replicas equal."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from odedit_hf.cli.main import main
 from odedit_hf.evaluation.distributed import shard_bounds
@@ -150,3 +152,80 @@ def test_odedit_trainer_on_two_processes_keeps_replicas_and_lambda_in_step(tmp_p
     assert rows[0]["adapter"] == rows[1]["adapter"]
     assert rows[0]["lambda_net"] == rows[1]["lambda_net"]
     assert rows[0]["lambda_end"] == rows[1]["lambda_end"] != rows[0]["lambda_start"]  # the dual step ran
+
+
+# ---------------------------------------------------------------- editor training on two processes
+TRAIN_ARGS = ["--max-records", "9", "--val-fraction", "0.34"]  # 6 train, 3 validation: a padded last shard
+TRAIN_ARGS += ["--train.max-steps", "3", "--train.eval-steps", "1", "--train.logging-steps", "1"]
+
+
+def _one_process_reference(micro_world, method, out):  # noqa: ANN001, ANN202
+    """What one process trains on the two processes' global batch: one request per micro-batch, two
+    accumulated per optimiser step (each process takes one request per step; DDP averages the two)."""
+    argv = ["train-editor", "--method", method, "--model", micro_world.model_dir, "--data", micro_world.root]
+    argv += ["--out", str(out), "--device", "cpu", "--no-progress", *TRAIN_ARGS, "--train.norm-samples", "6"]
+    assert main([*argv, "--train.gradient-accumulation-steps", "2"]) == 0
+    return out
+
+
+def _evals(path):  # noqa: ANN001, ANN202
+    history = json.loads((path / "training_history.json").read_text())
+    return [
+        {k: v for k, v in h.items() if k.startswith("eval_") and "runtime" not in k and "per_second" not in k}
+        for h in history
+        if "eval_loss" in h
+    ]
+
+
+def test_editor_training_on_two_processes_agrees_and_writes_one_artefact(micro_world, tmp_path):  # noqa: ANN001
+    # MEND, ODEdit+MEND and SERAC through `odedit-hf train-editor` under torchrun: each rank trains on its own
+    # requests; without the gradient all-reduce (the loss run through DDP's forward), the merged statistics
+    # and the dual step's averaged signal the replicas would end apart; only the main process writes
+    from safetensors.torch import load_file
+
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun is not installed")
+    script = os.path.join(os.path.dirname(__file__), "_ddp_train_editor.py")
+    methods = ["mend", "odedit+mend", "serac"]
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", script, micro_world.model_dir, micro_world.root]
+    cmd += [str(tmp_path), ",".join(methods), *TRAIN_ARGS]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("artefact:") == 3  # the main process reports each artefact, once
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging folder left
+    for method in methods:
+        rows = [json.loads((tmp_path / f"{method}-rank{r}.json").read_text()) for r in (0, 1)]
+        assert [r["rank"] for r in rows] == [0, 1] and all(r["world"] == 2 for r in rows)
+        assert [r["writes"] for r in rows] == [1, 0], f"{method}: the main process writes, alone"
+        assert rows[0]["artefact"] == rows[1]["artefact"]  # every rank returned after the one write
+        assert all(r["edits"] for r in rows), f"{method}: the artefact did not edit"
+        key = "serac" if method == "serac" else "net"
+        assert rows[0][key] == rows[1][key] == rows[0]["artefact"], f"{method}: the replicas differ"
+        if method != "serac":
+            assert rows[0]["stats"] == rows[1]["stats"]
+        if method == "odedit+mend":
+            assert rows[0]["lambda_net"] == rows[1]["lambda_net"]
+            assert rows[0]["lambda_end"] == rows[1]["lambda_end"] != rows[0]["lambda_start"]  # the dual step
+            assert rows[0]["dual_steps"] == rows[1]["dual_steps"] == 3
+    # the two processes train what one process trains on their global batch (float32 sums in another order:
+    # every weight within 1e-5 of its tensor's largest magnitude; the validation figures, gathered over both
+    # shards with the padded last one dropped, within 1e-5 relative)
+    for method in ("mend", "odedit+mend"):
+        two = tmp_path / method.replace("+", "-")
+        one = _one_process_reference(micro_world, method, tmp_path / f"one-{method.replace('+', '-')}")
+        config = json.loads((two / "mend_config.json").read_text())["extra"]
+        assert config["num_processes"] == 2
+        w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+        assert w1.keys() == w2.keys()
+        for name in w1:
+            scale = float(w1[name].abs().max())
+            torch.testing.assert_close(
+                w2[name], w1[name], rtol=1e-5, atol=1e-5 * scale, msg=f"{method} {name}"
+            )
+        e1, e2 = _evals(one), _evals(two)
+        assert len(e1) == len(e2) == 3 and [e.keys() for e in e1] == [e.keys() for e in e2]
+        for a, b in zip(e1, e2):
+            for name in a:
+                assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (method, name)

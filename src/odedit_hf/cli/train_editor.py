@@ -159,6 +159,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # CLIError, OptionError and the library's errors are ValueErrors
         print(f"odedit-hf train-editor: error: {exc}", file=sys.stderr)
         return 2
+    from odedit_hf.training import is_main_process
+
+    if not is_main_process():
+        return 0  # the main process wrote the artefact and reports it (once)
     curve = result.eval_curve()
     print(
         f"trained {args.method} on {result.num_train} requests ({result.num_val} held out) in "

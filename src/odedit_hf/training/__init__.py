@@ -218,6 +218,45 @@ def check_out_dir(out: str, *, overwrite: bool = False) -> str:
     return target
 
 
+def is_main_process() -> bool:
+    """Whether this is the process that writes: rank 0 of the process group, or before one is set up, of
+    the launcher's environment (``torchrun`` / ``accelerate launch``: ``RANK``; ``mpirun``: its own); the
+    only process when none is distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name]) == 0
+    return True
+
+
+def _wait_for_everyone() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _write_artefact(target: str, write: Any) -> None:
+    """On the main process only: ``write(stage)`` into a fresh sibling folder of ``target``, then move it to
+    ``target`` (:func:`_install`); the stage is removed when ``write`` fails. Every process then waits
+    until the artefact is in place."""
+    if is_main_process():
+        stage = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
+        from odedit_hf.editing.saving import default_mode
+
+        os.chmod(stage, default_mode(directory=True))  # mkdtemp's 0700 would stay on the artefact folder
+        try:
+            write(stage)
+            _install(stage, target)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    _wait_for_everyone()
+
+
 def _install(stage: str, target: str) -> None:
     """Move the finished ``stage`` folder to ``target`` (replacing an existing one in two renames)."""
     if os.path.exists(target):
@@ -272,6 +311,11 @@ def train_editor(
             tokenizer's chat template) or ``auto`` (the template when there is one), as ``odedit-hf edit
             --prompt-format``; train with the format the editor will edit in (the SmolLM2 fact set: raw).
 
+    Under several processes (``torchrun --nproc_per_node N`` or ``accelerate launch --num_processes N``;
+    ``docs/editors/mend.md``, "Training on several processes") every process loads the model and the split
+    and trains a replica (the Trainer all-reduces the gradients; ``per_device_train_batch_size`` requests per
+    process and step); only the main process writes ``out``, and every process returns once it is written.
+
     Raises:
         ValueError: a method that cannot be trained (the message says why), a bad ``out``, bad data or options.
     """
@@ -293,28 +337,21 @@ def train_editor(
                 "the processor it was built with"
             )
         backbone = model
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
-    from odedit_hf.editing.saving import default_mode
-
-    os.chmod(stage, default_mode(directory=True))  # mkdtemp's 0700 would stay on the artefact folder
+    # the Trainer's own folder (no checkpoints are written: the artefact is written below); per process
+    scratch = tempfile.mkdtemp(prefix="odedit-train-editor-")
     try:
         if method == "serac":
             result = _train_serac(
-                backbone, train + val, stage, options=options or {}, training=training or {},
+                backbone, train + val, target, scratch, options=options or {}, training=training or {},
                 val_fraction=val_fraction, seed=seed, device=device, progress=progress,
             )  # fmt: skip
-            _install(result.path, target)
-            shutil.rmtree(stage, ignore_errors=True)
         else:
             result = _train_mend(
-                backbone, train, val, stage, options=options or {}, training=training or {}, seed=seed,
-                device=device, progress=progress, odedit=method == "odedit+mend",
+                backbone, train, val, target, scratch, options=options or {}, training=training or {},
+                seed=seed, device=device, progress=progress, odedit=method == "odedit+mend",
             )  # fmt: skip
-            _install(stage, target)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    result.path = target
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     result.total_seconds = time.perf_counter() - start
     logger.info("train-editor: %s written in %.1f s", target, result.total_seconds)
     return result
@@ -336,7 +373,8 @@ def _train_mend(
     backbone: Backbone,
     train: list[Any],
     val: list[Any],
-    stage: str,
+    target: str,
+    scratch: str,
     *,
     options: Mapping[str, Any],
     training: Mapping[str, Any],
@@ -369,7 +407,7 @@ def _train_mend(
     if bad:
         raise ValueError(f"train-editor: {bad} are not MENDTrainingArguments fields")
     kwargs: dict[str, Any] = {
-        "output_dir": os.path.join(stage, "trainer"),
+        "output_dir": os.path.join(scratch, "trainer"),
         "seed": seed,
         "disable_tqdm": not progress,
         **dict(training),
@@ -414,28 +452,28 @@ def _train_mend(
         trainer.restore_best()
     finally:
         trainer.close()
-    shutil.rmtree(args.output_dir, ignore_errors=True)
     history = [dict(h) for h in trainer.state.log_history]
-    save_net(
-        net.cpu(),
-        stage,
-        identity=identity,
-        training_args=json.loads(args.to_json_string()),
-        history=history,
-        extra={
-            "num_train": len(train),
-            "num_val": len(val),
-            "val_case_ids": [int(r.case_id) for r in val],
-            "best_metric": trainer.best_metric,
-            "best_step": trainer.best_step,
-            "global_step": int(trainer.state.global_step),
-            "train_seconds": train_seconds,
-            **objective,
-            **({"dual_steps": trainer.dual_steps} if odedit else {}),
-        },
+    extra = {
+        "num_train": len(train),
+        "num_val": len(val),
+        "val_case_ids": [int(r.case_id) for r in val],
+        "best_metric": trainer.best_metric,
+        "best_step": trainer.best_step,
+        "global_step": int(trainer.state.global_step),
+        "train_seconds": train_seconds,
+        "num_processes": int(args.world_size),
+        **objective,
+        **({"dual_steps": trainer.dual_steps} if odedit else {}),
+    }
+    training_args = json.loads(args.to_json_string())
+    _write_artefact(
+        target,
+        lambda stage: save_net(
+            net.cpu(), stage, identity=identity, training_args=training_args, history=history, extra=extra
+        ),
     )
     return TrainedEditor(
-        path=stage,
+        path=target,
         train_seconds=train_seconds,
         total_seconds=0.0,
         num_train=len(train),
@@ -461,7 +499,8 @@ def serac_training_fields() -> tuple[set[str], set[str]]:
 def _train_serac(
     backbone: Backbone,
     requests: list[Any],
-    stage: str,
+    target: str,
+    scratch: str,
     *,
     options: Mapping[str, Any],
     training: Mapping[str, Any],
@@ -471,7 +510,8 @@ def _train_serac(
     progress: bool,
 ) -> TrainedEditor:
     """SERAC through :func:`odedit_hf.editors.serac.train_serac` (which holds out ``val_fraction`` itself)."""
-    from odedit_hf.editors.serac import SERACTrainingArguments, SERACTrainingConfig, train_serac
+    from odedit_hf.editors.serac import SERACTrainingArguments, SERACTrainingConfig
+    from odedit_hf.editors.serac.trainer import run_serac_training
 
     if options:
         raise ValueError(
@@ -489,7 +529,7 @@ def _train_serac(
     config_kwargs.setdefault("val_fraction", val_fraction)
     config = SERACTrainingConfig(**config_kwargs)
     kwargs: dict[str, Any] = {
-        "output_dir": os.path.join(stage, "trainer"),
+        "output_dir": os.path.join(scratch, "trainer"),
         "seed": seed,
         "disable_tqdm": not progress,
         **{k: v for k, v in training.items() if k in arg_fields and k not in config_fields},
@@ -497,16 +537,28 @@ def _train_serac(
     if device is not None and str(device).startswith("cpu"):
         kwargs.setdefault("use_cpu", True)
     args = SERACTrainingArguments(**kwargs)
-    path = train_serac(backbone, requests, os.path.join(stage, "artefact"), config, args)
-    shutil.rmtree(args.output_dir, ignore_errors=True)
-    from odedit_hf.editors.serac.artefact import CONFIG_NAME
+    # the main process writes the artefact into its stage (train_serac writes atomically on the main process
+    # only); the other processes' path is never written
+    main = is_main_process()
+    stage = os.path.join(scratch, "not-written")
+    if main:
+        stage = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
+    try:
+        path, info, history = run_serac_training(
+            backbone, requests, os.path.join(stage, "artefact"), config, args
+        )
+        history = json.loads(json.dumps(history, default=str))
+        if main:
+            from odedit_hf.editing.saving import default_mode
 
-    with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
-        meta = json.load(f)
-    info = meta.get("training", {})
-    history = [dict(h) for h in meta.get("history", [])]
+            os.chmod(path, default_mode(directory=True))
+            _install(path, target)
+    finally:
+        if main:
+            shutil.rmtree(stage, ignore_errors=True)
+    _wait_for_everyone()
     return TrainedEditor(
-        path=path,
+        path=target,
         train_seconds=float(info.get("train_seconds", 0.0)),
         total_seconds=0.0,
         num_train=int(info.get("train_records", 0)),

@@ -122,11 +122,20 @@ class RunningStats(nn.Module):
         if n == 0:
             return
         mean_b = x.mean(0)
-        m2_b = ((x - mean_b) ** 2).sum(0)
+        self.merge(n, mean_b, ((x - mean_b) ** 2).sum(0))
+
+    @torch.no_grad()
+    def merge(self, count: float | torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Add the summary ``(count, mean, m2)`` of other rows (e.g. another process's share of the
+        statistics pass); a count of 0 adds nothing."""
+        n = float(count)
+        if n == 0:
+            return
+        mean = mean.to(self.mean.device, torch.float64)
         total = self.count + n
-        delta = mean_b - self.mean
+        delta = mean - self.mean
         self.mean += delta * (n / total)
-        self.m2 += m2_b + delta**2 * (self.count * n / total)
+        self.m2 += m2.to(self.m2.device, torch.float64) + delta**2 * (self.count * n / total)
         self.count.fill_(float(total))
 
     def std(self) -> torch.Tensor:

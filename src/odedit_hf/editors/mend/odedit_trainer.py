@@ -16,7 +16,9 @@ in :class:`~odedit_hf.methods.odedit.trainer.ODEditTrainer`). The Trainer's opti
 (descent) step on the hypernetwork; right after each optimiser step ODEdit's own callback runs the dual
 (ascent) step on the λ-network (:func:`~odedit_hf.methods.odedit.objective.dual_step`, ODEditTrainer's
 ``dual_step``): under gradient accumulation the signal ``∂loss/∂λ`` is summed over the accumulated backwards
-and the dual step runs once per optimiser step, never per micro-batch. The per-edit schedule of ODEdit
+and the dual step runs once per optimiser step, never per micro-batch; under several processes the
+signal is averaged over the processes first (as the hypernetwork's gradients are, through DDP's forward), so
+every process's λ-network takes the same step. The per-edit schedule of ODEdit
 (``schedule``, ``warmup_steps``, ``penalty_steps``, ``stop_penalty``) has no meaning here and is not used.
 
 Validation reports ``eval_loss`` = the ODEdit risk without the penalty (``R_rel + alpha·R_loc + beta·R_gen``:
@@ -146,11 +148,15 @@ class ODEditMENDTrainer(MENDTrainer):
                     stack.enter_context(layer.pending(a, b))
                 return self.objective(self._forward, edit_batch, lam)
 
+    def step_terms(self, inputs: dict[str, Any]) -> LossTerms:  # type: ignore[override]
+        """The training terms of one batch: the forward of the module the Trainer wraps."""
+        return self.odedit_terms(inputs)
+
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         """``R_rel + alpha·R_loc + beta·R_gen + λ·P`` of the post-update model."""
-        terms = self.odedit_terms(inputs)
+        terms = model(inputs)  # through DistributedDataParallel's forward under several processes
         floats = terms.as_floats()
         if not torch.isfinite(terms.total):
             raise ValueError(
@@ -169,22 +175,17 @@ class ODEditMENDTrainer(MENDTrainer):
         with torch.no_grad():
             terms = self.odedit_terms(inputs)
             mend = self.mend_terms(inputs)
-        for name, value in mend.items():
-            name = "mend_loss" if name == "loss" else name
-            self._eval_sums[name] = self._eval_sums.get(name, 0.0) + float(value)
-        for name in ("r_rel", "r_loc", "r_gen", "penalty"):
-            value = getattr(terms, name)
-            if value is not None:
-                self._eval_sums[name] = self._eval_sums.get(name, 0.0) + float(value)
-        self._eval_count += 1
+        values: dict[str, Any] = {("mend_loss" if k == "loss" else k): v for k, v in mend.items()}
+        values.update({name: getattr(terms, name) for name in ("r_rel", "r_loc", "r_gen", "penalty")})
+        self.record_eval(values, len(inputs["keys"]))
         return terms.risk.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the mean ODEdit terms since the last log (``odedit/r_rel``, ``odedit/lambda``, ...), λ and η."""
         if self._count and "loss" in logs:
-            for name, total in self._sums.items():
-                logs[f"odedit/{name}"] = total / self._count
+            sums, count = self.gathered_sums()
+            for name, total in sums.items():
+                logs[f"odedit/{name}"] = total / count
             logs["mend/edit_lr_mean"] = float(self.net.edit_lrs.detach().mean())
-            self._sums, self._count = {}, 0
         # skip MENDTrainer.log (its terms are not computed in training here)
         super(MENDTrainer, self).log(logs, start_time)

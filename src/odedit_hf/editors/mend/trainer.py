@@ -23,6 +23,14 @@ accuracy of the edit and rephrase prompts and the top-1 agreement on the localit
 network by ``metric_for_best_model`` is kept in memory and restored when training ends, and
 :class:`transformers.EarlyStoppingCallback` stops training after ``early_stopping_patience`` evaluations
 without improvement.
+
+Under several processes (``torchrun`` / ``accelerate launch``) the loss is the forward of the module the
+Trainer wraps in ``DistributedDataParallel`` (:class:`_NetHolder`), so the backward all-reduces the
+hypernetwork's gradients; the statistics pass is split over the processes and merged
+(:meth:`MENDTrainer.fill_statistics`); the validation figures are gathered one row per request
+(:meth:`MENDTrainer.record_eval`) and the training logs' terms summed over the processes: every replica
+trains, evaluates and keeps the same network. ``N`` processes of one request each train what one process
+trains with ``gradient_accumulation_steps = N``.
 """
 
 from __future__ import annotations
@@ -159,14 +167,18 @@ class MENDCollator:
 
 class _NetHolder(nn.Module):
     """The module the Trainer optimises: the hypernetwork alone (the frozen base model is not part of it, so
-    the Trainer neither moves nor saves it)."""
+    the Trainer neither moves nor saves it). Its forward is the trainer's loss of one batch, so that under
+    several processes the step runs through ``DistributedDataParallel``'s forward and the backward
+    all-reduces the hypernetwork's gradients (a loss computed beside the wrapper would leave each process
+    with its own gradients and its own network)."""
 
-    def __init__(self, net: MENDNet) -> None:
+    def __init__(self, net: MENDNet, loss: Any) -> None:
         super().__init__()
         self.net = net
+        self.loss = loss  # the trainer's bound loss function (not a module: nothing registered)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - the trainer never calls it
-        raise ValueError("MENDTrainer computes its loss in compute_loss; the hypernetwork has no forward")
+    def forward(self, inputs: dict[str, Any]) -> Any:
+        return self.loss(inputs)
 
 
 class _EarlyStopping(EarlyStoppingCallback):
@@ -239,7 +251,7 @@ class MENDTrainer(Trainer):
         if args.early_stopping_patience > 0:
             callbacks.append(_EarlyStopping(early_stopping_patience=args.early_stopping_patience))
         super().__init__(
-            model=_NetHolder(net),
+            model=_NetHolder(net, self.step_terms),
             args=args,
             train_dataset=_Requests(train_dataset),
             eval_dataset=_Requests(eval_dataset) if eval_dataset else None,
@@ -267,7 +279,42 @@ class MENDTrainer(Trainer):
     @torch.no_grad()
     def fill_statistics(self, requests: Sequence[EditRequest]) -> None:
         """Fill the normalisation statistics of ``u`` and ``δ`` from ``requests`` (one edit prompt each); they
-        are not changed afterwards."""
+        are not changed afterwards.
+
+        Under several processes each process takes its contiguous share of ``requests``, and the shares'
+        summaries ``(count, mean, m2)`` are gathered and merged in process order on every process: every
+        replica ends with the same statistics, those of all ``requests`` (as one process computes them, up
+        to float64 rounding).
+        """
+        world = self.accelerator.num_processes
+        if world > 1:
+            from odedit_hf.evaluation.distributed import shard_bounds
+
+            lo, hi = shard_bounds(len(requests), world, self.accelerator.process_index)
+            stats = [m for t in self.net.transforms.values() for m in (t.stats_u, t.stats_d)]
+            before = [(s.count.clone(), s.mean.clone(), s.m2.clone()) for s in stats]
+            for s in stats:  # this process's share into empty statistics
+                for buffer in (s.count, s.mean, s.m2):
+                    buffer.zero_()
+            self._add_statistics(requests[lo:hi])
+            local = torch.cat([torch.cat([s.count.view(1), s.mean, s.m2]) for s in stats])
+            gathered = self.accelerator.gather(local).view(world, -1)
+            for s, saved in zip(stats, before):
+                for buffer, value in zip((s.count, s.mean, s.m2), saved):
+                    buffer.copy_(value)
+            for rank in range(world):
+                offset = 0
+                for s in stats:
+                    dim = s.mean.shape[0]
+                    row = gathered[rank, offset : offset + 1 + 2 * dim]
+                    s.merge(row[0], row[1 : 1 + dim], row[1 + dim :])
+                    offset += 1 + 2 * dim
+        else:
+            self._add_statistics(requests)
+        logger.info("MEND: normalisation statistics from %d training edits", len(requests))
+
+    @torch.no_grad()
+    def _add_statistics(self, requests: Sequence[EditRequest]) -> None:
         collator = MENDCollator(self.backbone)
         device = self.args.device
         for request in requests:
@@ -275,7 +322,6 @@ class MENDTrainer(Trainer):
             rows, _ = token_rows(self.backbone, batch, self.layers)
             for index, (u, d) in enumerate(rows):
                 self.net.update_stats(index, u, d)
-        logger.info("MEND: normalisation statistics from %d training edits", len(requests))
 
     def close(self) -> None:
         """Remove the empty MEND adapter from the base model (it is left exactly as it was)."""
@@ -350,10 +396,14 @@ class MENDTrainer(Trainer):
             "loc_agree": torch.stack(agree).mean() if agree else edit_loss.new_ones(()),
         }
 
+    def step_terms(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The training loss terms of one batch: the forward of the module the Trainer wraps."""
+        return self.mend_terms(inputs)
+
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        terms = self.mend_terms(inputs)
+        terms = model(inputs)  # through DistributedDataParallel's forward under several processes
         if not torch.isfinite(terms["loss"]):
             raise ValueError(
                 f"MEND training: the loss is not finite at step {self.state.global_step} "
@@ -370,11 +420,29 @@ class MENDTrainer(Trainer):
         """The validation loss of one batch (the edit's own backward runs inside, with gradients enabled)."""
         with torch.no_grad():
             terms = self.mend_terms(inputs)
-        for name, value in terms.items():
-            if name != "loss":
-                self._eval_sums[name] = self._eval_sums.get(name, 0.0) + float(value)
-        self._eval_count += 1
+        self.record_eval({k: v for k, v in terms.items() if k != "loss"}, len(inputs["keys"]))
         return terms["loss"].detach(), None, None
+
+    def record_eval(self, values: dict[str, Any], n: int) -> None:
+        """Add one validation batch of ``n`` requests to the means the evaluation reports (``None`` values:
+        a term the batch does not have; a metric is reported when some batch has it).
+
+        The batch's values count once per request, gathered across processes as the Trainer gathers
+        ``eval_loss`` (the padding a process's last batch gets is dropped): every process reports the means
+        over the whole validation set, one process's means.
+        """
+        names = sorted(values)
+        row = []
+        for name in names:
+            value = values[name]
+            row += [0.0, 0.0] if value is None else [float(value), 1.0]
+        row_t = torch.tensor(row, dtype=torch.float64, device=self.args.device)
+        rows = self.accelerator.gather_for_metrics(row_t.expand(n, -1).contiguous())
+        totals = rows.sum(0).tolist()
+        for i, name in enumerate(names):
+            if totals[2 * i + 1] > 0:
+                self._eval_sums[name] = self._eval_sums.get(name, 0.0) + totals[2 * i]
+        self._eval_count += rows.shape[0]
 
     def evaluation_loop(
         self,
@@ -398,12 +466,27 @@ class MENDTrainer(Trainer):
         """Adds the mean MEND terms since the last log (``mend/edit_loss``, ``mend/edit_acc``, ...) and the
         edit steps ``η``."""
         if self._count and "loss" in logs:
-            for name, total in self._sums.items():
+            sums, count = self.gathered_sums()
+            for name, total in sums.items():
                 if name != "loss":
-                    logs[f"mend/{name}"] = total / self._count
+                    logs[f"mend/{name}"] = total / count
             logs["mend/edit_lr_mean"] = float(self.net.edit_lrs.detach().mean())
-            self._sums, self._count = {}, 0
         super().log(logs, start_time)
+
+    def gathered_sums(self) -> tuple[dict[str, float], int]:
+        """The training terms summed since the last log and their count, over every process (each process
+        sums its own batches); resets them."""
+        from accelerate.utils import gather_object
+
+        parts = [(self._sums, self._count)]
+        if self.accelerator.num_processes > 1:
+            parts = gather_object(parts)
+        sums: dict[str, float] = {}
+        for part, _ in parts:
+            for name, total in part.items():
+                sums[name] = sums.get(name, 0.0) + total
+        self._sums, self._count = {}, 0
+        return sums, sum(count for _, count in parts)
 
     # ------------------------------------------------------------------ the best network
     def _consider_best(self, metrics: dict[str, float]) -> None:

@@ -197,8 +197,10 @@ class SERACCollator:
         pairs = [item if isinstance(item, tuple) else (item, False) for item in items]
         requests = [r for r, _ in pairs]
         augment = any(a for _, a in pairs)
+        kept = list(range(len(requests)))
         if any(r.text_only for r in requests) and not all(r.text_only for r in requests):
-            requests = [r for r in requests if not r.text_only] or list(requests)
+            kept = [i for i, r in enumerate(requests) if not r.text_only] or kept
+            requests = [requests[i] for i in kept]
         text_only = requests[0].text_only
         groups: dict[str, list[PromptSample]] = {g: [] for g in ("edit", *_POSITIVE, *_NEGATIVE)}
         contexts = []
@@ -232,6 +234,9 @@ class SERACCollator:
             name: self.backbone.build_batch(samples) for name, samples in groups.items() if samples
         }
         out["context"] = pad_rows(contexts)
+        # which items the rows are (a mixed batch drops its text-only records), for the validation statistics
+        out["kept"] = torch.tensor(kept, dtype=torch.long)
+        out["n_items"] = len(items)
         return out
 
 
@@ -258,17 +263,35 @@ class _KeepBest(TrainerCallback):
                     p.copy_(value)
 
 
+class _LossModule(torch.nn.Module):
+    """The module the Trainer wraps: the PEFT model, whose forward is SERAC's loss of one batch (every
+    prompt group and the cache filled inside one forward). Under several processes the step then runs
+    through one ``DistributedDataParallel`` forward, whose backward all-reduces the classifier's and the
+    deltas' gradients once; and the cache (buffers) is loaded after the forward's buffer broadcast, never
+    overwritten by the main process's batch."""
+
+    def __init__(self, peft_model: Any, loss: Any) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+        self.loss = loss  # the trainer's bound loss function (not a module)
+
+    def forward(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.loss(self.peft_model, inputs)
+
+
 class SERACTrainer(Trainer):
     """``Trainer`` whose loss is SERAC's (see the module docstring).
 
     Args:
-        model: a PEFT model with a SERAC adapter (its trainable tensors: the classifier and the deltas).
+        model: a PEFT model with a SERAC adapter (its trainable tensors: the classifier and the deltas); the
+            Trainer optimises it through a module whose forward is the loss (``trainer.peft_model`` is it).
         serac_config: the loss weights and threshold.
         *args, **kwargs: as ``Trainer``.
     """
 
     def __init__(self, model: Any, *args: Any, serac_config: SERACTrainingConfig, **kwargs: Any) -> None:
-        super().__init__(model, *args, **kwargs)
+        self.peft_model = model
+        super().__init__(_LossModule(model, self.serac_loss), *args, **kwargs)
         self.serac_config = serac_config
         self._eval_stats: dict[str, float] | None = None
 
@@ -279,6 +302,11 @@ class SERACTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
+        total, terms = model(inputs)  # through DistributedDataParallel's forward under several processes
+        return (total, {"terms": terms}) if return_outputs else total
+
+    def serac_loss(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """SERAC's loss of one batch on the PEFT ``model`` and its detached terms."""
         cfg = self.serac_config
         tuner = serac_tuner(model)
         adapter = model.active_adapter
@@ -319,61 +347,77 @@ class SERACTrainer(Trainer):
                     total = total + cfg.bce_weight * bce
                     terms[f"bce_{group}"] = bce.detach()
                 if self._eval_stats is not None:
-                    self._record(group, scores.detach(), mixed.detach(), tuner, labels, cfg.threshold)
+                    self._record(group, scores.detach(), tuner, labels, cfg.threshold)
         finally:
             tuner.soft = False
             layer.load_cache(adapter, {**layer.empty_cache(), "serac_markers": markers})
-        return (total, {"terms": terms}) if return_outputs else total
+        return total, terms
 
-    def _record(
-        self,
-        group: str,
-        scores: torch.Tensor,
-        mixed: torch.Tensor,
-        tuner: Any,
-        labels: torch.Tensor,
-        th: float,
-    ) -> None:
+    #: the per-record columns of the validation statistics (see :meth:`_record`)
+    _COLUMNS = (
+        *(f"scope_{kind}_{g}" for g in (*_POSITIVE, *_NEGATIVE) for kind in ("hits", "rows")),
+        "cf_acc_sum",
+        "cf_rows",
+    )
+
+    def _record(self, group: str, scores: torch.Tensor, tuner: Any, labels: torch.Tensor, th: float) -> None:
+        """Per row (one per kept record of the batch): whether the scope switch routes it right, and for the
+        in-scope groups the token accuracy of the hard-routed output; summed by :meth:`prediction_step`."""
         from odedit_hf.evaluation import token_accuracy
 
-        stats = self._eval_stats
+        rows = self._eval_rows
         routed = scores > th
         correct = routed if group in _POSITIVE else ~routed
-        stats["scope_hits"] += float(correct.sum())
-        stats["scope_rows"] += float(correct.numel())
-        stats[f"scope_hits_{group}"] = stats.get(f"scope_hits_{group}", 0.0) + float(correct.sum())
-        stats[f"scope_rows_{group}"] = stats.get(f"scope_rows_{group}", 0.0) + float(correct.numel())
+        rows[:, self._COLUMNS.index(f"scope_hits_{group}")] = correct.to(rows.dtype)
+        rows[:, self._COLUMNS.index(f"scope_rows_{group}")] = 1.0
         if group in _POSITIVE:
             # the hard switch's output: counterfactual logits where routed, base logits elsewhere
             base = tuner.last_base_logits.detach()
             cf = tuner.last_cf_logprobs.detach()
             hard = torch.where(routed[:, None, None], cf, base.float().log_softmax(-1))
             acc, _ = token_accuracy(hard, labels)
-            stats["cf_acc_sum"] += float(acc.sum())
-            stats["cf_rows"] += labels.shape[0]
+            rows[:, self._COLUMNS.index("cf_acc_sum")] += acc.to(rows.dtype)
+            rows[:, self._COLUMNS.index("cf_rows")] += 1.0
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: ANN001 - Trainer API
+        """The validation loss of one batch; its scope and counterfactual statistics are gathered across
+        processes one row per record (the padding a process's last batch gets is dropped, as for
+        ``eval_loss``), so that every process reports the statistics of the whole validation split."""
         inputs = self._prepare_inputs(inputs)
+        kept = inputs["kept"]
+        self._eval_rows = torch.zeros(
+            len(kept), len(self._COLUMNS), dtype=torch.float64, device=self.args.device
+        )
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
+        per_item = torch.zeros(
+            int(inputs["n_items"]), len(self._COLUMNS), dtype=torch.float64, device=self.args.device
+        )
+        per_item[kept.to(per_item.device)] = self._eval_rows
+        totals = self.accelerator.gather_for_metrics(per_item).sum(0).tolist()
+        for name, value in zip(self._COLUMNS, totals):
+            self._eval_stats[name] = self._eval_stats.get(name, 0.0) + value
         return loss.detach(), None, None
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
-        self._eval_stats = {"scope_hits": 0.0, "scope_rows": 0.0, "cf_acc_sum": 0.0, "cf_rows": 0.0}
+        self._eval_stats = {}
         try:
             output = super().evaluation_loop(*args, **kwargs)
             stats = self._eval_stats
         finally:
             self._eval_stats = None
         prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
-        if stats["scope_rows"]:
-            output.metrics[f"{prefix}_scope_acc"] = stats["scope_hits"] / stats["scope_rows"]
+        groups = (*_POSITIVE, *_NEGATIVE)
+        scope_rows = sum(stats.get(f"scope_rows_{g}", 0.0) for g in groups)
+        if scope_rows:
+            scope_hits = sum(stats.get(f"scope_hits_{g}", 0.0) for g in groups)
+            output.metrics[f"{prefix}_scope_acc"] = scope_hits / scope_rows
         for group in (*_POSITIVE, *_NEGATIVE):
             if stats.get(f"scope_rows_{group}"):
                 output.metrics[f"{prefix}_scope_acc_{group}"] = (
                     stats[f"scope_hits_{group}"] / stats[f"scope_rows_{group}"]
                 )
-        if stats["cf_rows"]:
+        if stats.get("cf_rows"):
             output.metrics[f"{prefix}_cf_acc"] = stats["cf_acc_sum"] / stats["cf_rows"]
         return output
 
@@ -453,9 +497,27 @@ def train_serac(
         args: ``TrainingArguments`` (default :class:`SERACTrainingArguments` with ``output_dir`` inside
             ``out_dir``'s parent, no checkpoints).
 
+    Under several processes (``torchrun`` / ``accelerate launch``; one replica per process) the Trainer
+    all-reduces the gradients, so every process ends with the same weights; only the main process writes
+    ``out_dir`` and every process returns once it is written. A batch fills the cache with its own edits:
+    ``per_device_train_batch_size`` is the cache each loss routes through, so ``N`` processes of batch ``B``
+    are not one process of batch ``N·B`` (the scope classifier competes among ``B`` edits, not ``N·B``).
+
     Returns:
         ``out_dir`` (absolute), ready for ``SERACMethod(editor_weights=out_dir)``.
     """
+    return run_serac_training(backbone, train_requests, out_dir, config, args)[0]
+
+
+def run_serac_training(
+    backbone: Backbone,
+    train_requests: Sequence[EditRequest],
+    out_dir: str,
+    config: SERACTrainingConfig | None = None,
+    args: TrainingArguments | None = None,
+) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    """:func:`train_serac`, also returning the artefact's training record and history (on every process:
+    only the main process writes the artefact)."""
     import os
     import tempfile
     import time
@@ -522,7 +584,10 @@ def train_serac(
             args=args,
             train_dataset=_Records(train, augment=True),
             eval_dataset=_Records(val, augment=False),
-            data_collator=SERACCollator(backbone, config, answers=answers, seed=args.seed),
+            # each process draws its own augmentations (the same draws on every process would pair them up)
+            data_collator=SERACCollator(
+                backbone, config, answers=answers, seed=args.seed + 1_000_003 * args.process_index
+            ),
             optimizers=(optimizer, None),
             callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience), keep],
             serac_config=config,
@@ -561,12 +626,16 @@ def train_serac(
         "best_eval_loss": keep.best,
         "best_step": keep.best_step,
     }
-    return save_artefact(
-        os.path.abspath(out_dir),
-        architecture,
-        tensors,
-        threshold=config.threshold,
-        identity=identity,
-        training=training,
-        history=history,
-    )
+    out_dir = os.path.abspath(out_dir)
+    if trainer.is_world_process_zero():
+        save_artefact(
+            out_dir,
+            architecture,
+            tensors,
+            threshold=config.threshold,
+            identity=identity,
+            training=training,
+            history=history,
+        )
+    trainer.accelerator.wait_for_everyone()
+    return out_dir, training, history
