@@ -32,6 +32,9 @@ class EditorTuner:
         base_hint: what to target instead, ending the message for a module of another type.
         freeze_inactive: a new layer of an adapter that is not active starts frozen (for editors that train
             at edit time; IKE and SERAC leave ``requires_grad`` to their tuner).
+        layer_factory: the layer class the default :meth:`_new_layer` builds, as
+            ``layer_factory(target, adapter_name, peft_config)``; editors whose layer needs more (a role, a
+            check of the target) override :meth:`_new_layer` instead.
     """
 
     editor_label: str
@@ -39,13 +42,16 @@ class EditorTuner:
     base_types: tuple[type[nn.Module], ...] = (nn.Linear,)
     base_hint: str = "target FFN projections (see the backbone registry's ffn_projections)."
     freeze_inactive: bool = True
+    layer_factory: Any = None
 
     def _new_layer(
         self, target: nn.Module, base: nn.Module, adapter_name: str, peft_config: Any, current_key: str
     ) -> nn.Module:
         """The editor's layer around ``target`` (``current_key``; ``base`` is its base module, one of
         :attr:`base_types`) holding ``adapter_name`` of ``peft_config``. It may raise to refuse the target."""
-        raise NotImplementedError(f"{type(self).__name__} must implement _new_layer")
+        if self.layer_factory is None:
+            raise NotImplementedError(f"{type(self).__name__} must set layer_factory or implement _new_layer")
+        return self.layer_factory(target, adapter_name, peft_config)
 
     def _check_existing(self, layer: nn.Module, peft_config: Any, current_key: str) -> None:
         """Called with a ``tuner_layer_cls`` target before it gets a further adapter; raise to refuse."""

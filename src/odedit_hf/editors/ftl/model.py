@@ -7,7 +7,6 @@ from typing import Any
 
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
-from torch import nn
 
 from odedit_hf.editing.tuner import EditorTuner
 
@@ -31,6 +30,7 @@ class FTLModel(EditorTuner, BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
     editor_label = "FT-L"
     config_cls = FTLConfig
+    layer_factory = Linear
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict[str, Any]) -> PeftConfig:
         if peft_config.target_modules is not None:
@@ -51,8 +51,3 @@ class FTLModel(EditorTuner, BaseTuner):
             model_type,
         )
         return peft_config
-
-    def _new_layer(
-        self, target: nn.Module, base: nn.Module, adapter_name: str, peft_config: PeftConfig, current_key: str
-    ) -> nn.Module:
-        return Linear(target, adapter_name, peft_config)

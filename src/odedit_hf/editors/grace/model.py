@@ -34,11 +34,7 @@ class GRACEModel(EditorTuner, BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
     editor_label = "GRACE"
     config_cls = GRACEConfig
-
-    def _new_layer(
-        self, target: nn.Module, base: nn.Module, adapter_name: str, peft_config: PeftConfig, current_key: str
-    ) -> nn.Module:
-        return Linear(target, adapter_name, peft_config)
+    layer_factory = Linear
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(_NOT_MERGEABLE)

@@ -105,6 +105,7 @@ class IKEModel(EditorTuner, BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
     editor_label = "IKE"
     config_cls = IKEConfig
+    layer_factory = Embedding
     base_types = (nn.Embedding,)
     base_hint = "target the model's input embedding (model.get_input_embeddings())"
     freeze_inactive = False
@@ -120,10 +121,6 @@ class IKEModel(EditorTuner, BaseTuner):
         ]
 
     # ------------------------------------------------------------------ peft plumbing
-    def _new_layer(
-        self, target: nn.Module, base: nn.Module, adapter_name: str, peft_config: PeftConfig, current_key: str
-    ) -> nn.Module:
-        return Embedding(target, adapter_name, peft_config)
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(_NOT_MERGEABLE)

@@ -34,11 +34,7 @@ class MENDModel(EditorTuner, BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
     editor_label = "MEND"
     config_cls = MENDConfig
-
-    def _new_layer(
-        self, target: nn.Module, base: nn.Module, adapter_name: str, peft_config: PeftConfig, current_key: str
-    ) -> nn.Module:
-        return Linear(target, adapter_name, peft_config)
+    layer_factory = Linear
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for p in model.parameters():

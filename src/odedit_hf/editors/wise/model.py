@@ -78,11 +78,7 @@ class WISEModel(EditorTuner, BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
     editor_label = "WISE"
     config_cls = WISEConfig
-
-    def _new_layer(
-        self, target: nn.Module, base: nn.Module, adapter_name: str, peft_config: PeftConfig, current_key: str
-    ) -> nn.Module:
-        return Linear(target, adapter_name, peft_config)
+    layer_factory = Linear
 
     def _after_replace(
         self, module: nn.Module, adapter_name: str, peft_config: PeftConfig, current_key: str
