@@ -346,3 +346,178 @@ def test_log_lambda_falls_to_its_floor_and_stays_finite() -> None:
     assert lams[-1] == pytest.approx(5e-4, rel=1e-4)
     assert all(torch.isfinite(p).all() for p in net.parameters())
     assert _dual_steps(net, 3.0, 1)[1] > 1e-3  # and rises again at once when the penalty exceeds the slack
+
+
+# ---------------------------------------------------------------- pinned against hand computations (issue 20:
+# the mutation survivors of lambda_net.py)
+_MASK64 = (1 << 64) - 1
+
+
+def _signed64(x: int) -> int:
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _splitmix(j: int, seed: int) -> int:
+    """The documented hash in plain Python integers: splitmix64's finaliser with wrapping int64 products
+    and arithmetic right shifts (what ``>>`` does on a signed int64 tensor)."""
+    x = _signed64(j * 0x9E3779B97F4A7C15 + seed * 2 + 1)
+    x ^= x >> 31
+    x = _signed64(x * 0xBF58476D1CE4E5B9)
+    x ^= x >> 29
+    x = _signed64(x * 0x94D049BB133111EB)
+    return x ^ (x >> 32)
+
+
+def _reference_sketch(tensors: list[torch.Tensor], k: int, seed: int) -> list[float]:
+    """``S θ`` by hand: tensor ``i`` hashes its own coordinates ``j`` with seed ``seed + 1_000_003·i``;
+    bucket ``h mod k`` (non-negative), sign from bit 40 of ``h``."""
+    out = [0.0] * k
+    for i, t in enumerate(tensors):
+        for j, value in enumerate(t.detach().reshape(-1).tolist()):
+            h = _splitmix(j, seed + 1_000_003 * i)
+            out[h % k] += value * (1.0 if (h >> 40) & 1 else -1.0)
+    return out
+
+
+def _fresh_memo(monkeypatch: pytest.MonkeyPatch, budget: int) -> object:
+    from odedit_hf.methods.odedit import lambda_net
+
+    monkeypatch.setattr(lambda_net, "_memo", type(lambda_net._memo)())
+    monkeypatch.setattr(lambda_net, "SKETCH_MEMO_BYTES", budget)
+    return lambda_net
+
+
+@pytest.mark.parametrize("memo", [True, False])
+def test_count_sketch_equals_the_hand_computed_hash(monkeypatch: pytest.MonkeyPatch, memo: bool) -> None:
+    lambda_net = _fresh_memo(monkeypatch, 1 << 20 if memo else 0)
+    if not memo:
+        monkeypatch.setattr(lambda_net, "_CHUNK", 3)  # rehashed in chunks 0-2, 3-5, 6: starts other than 0
+    gen = torch.Generator().manual_seed(4)
+    # three tensors: each its own seed offset; integer values, so float32 sums are exact
+    tensors = [torch.randint(-9, 10, shape, generator=gen).float() for shape in ((7,), (2, 3), (4,))]
+    for k, seed in ((5, 3), (16, 12345), (1, 7)):
+        params = [t.clone().requires_grad_(True) for t in tensors]
+        out = count_sketch(params, k, seed)
+        assert out.dtype == torch.float32 and out.shape == (k,)
+        assert out.tolist() == _reference_sketch(tensors, k, seed)
+        # the backward is S^T w, coordinate by coordinate: w[bucket] * sign
+        w = torch.arange(1.0, k + 1.0)
+        (out * w).sum().backward()
+        for i, p in enumerate(params):
+            expected = []
+            for j in range(p.numel()):
+                h = _splitmix(j, seed + 1_000_003 * i)
+                expected.append(float(w[h % k]) * (1.0 if (h >> 40) & 1 else -1.0))
+            assert p.grad.reshape(-1).tolist() == expected
+    # some bucket receives both signs (a one-signed hash would pass sums of positive values)
+    signs = {(_splitmix(j, 3) >> 40) & 1 for j in range(7)}
+    assert signs == {0, 1}
+    # float64 parameters get a float64 gradient, float32 sketch
+    p64 = torch.tensor([1.5, -2.0, 0.25], dtype=torch.float64, requires_grad=True)
+    out = count_sketch([p64], 4, 9)
+    assert out.dtype == torch.float32 and out.tolist() == _reference_sketch([p64], 4, 9)
+    out.sum().backward()
+    assert p64.grad.dtype == torch.float64
+
+
+def test_count_sketch_refusals_pinned_whole() -> None:
+    with pytest.raises(ValueError) as info:
+        count_sketch([torch.ones(3)], 0, 0)
+    assert str(info.value) == "count_sketch: k must be >= 1, got 0"
+    with pytest.raises(ValueError) as info:
+        count_sketch([], 4, 0)
+    assert str(info.value) == "count_sketch: no parameters to sketch"
+    # k = 1 is a sketch: the signed sum of every coordinate
+    assert count_sketch([torch.tensor([2.0, 3.0])], 1, 0).tolist() == _reference_sketch(
+        [torch.tensor([2.0, 3.0])], 1, 0
+    )
+
+
+def test_sketch_memo_reuses_tables_counts_bytes_and_evicts_least_recently_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    per = 12  # int64 bucket + float32 sign per coordinate
+    lambda_net = _fresh_memo(monkeypatch, 4 * 4 * per)  # a table is memoised up to 4 coordinates
+    calls = []
+    real = lambda_net._buckets_signs
+    monkeypatch.setattr(lambda_net, "_buckets_signs", lambda *a: calls.append(a[:2]) or real(*a))
+    count_sketch([torch.ones(4)], 3, 0)
+    count_sketch([torch.ones(4)], 3, 0)
+    assert calls == [(0, 4)], "the second sketch reuses the memoised table"
+    assert lambda_net._memo_bytes() == 4 * per
+    count_sketch([torch.ones(5)], 3, 0)  # 60 bytes > a quarter of the budget: hashed, not kept
+    assert calls[-1] == (0, 5) and (5, 3, 0, "cpu") not in lambda_net._memo
+    for seed in (1, 2, 3):  # the budget (192 bytes) holds exactly four tables of 48 bytes
+        count_sketch([torch.ones(4)], 3, seed)
+    assert list(lambda_net._memo) == [(4, 3, s, "cpu") for s in (0, 1, 2, 3)]
+    assert lambda_net._memo_bytes() == lambda_net.SKETCH_MEMO_BYTES
+    count_sketch([torch.ones(4)], 3, 0)  # used again: now the most recent
+    count_sketch([torch.ones(4)], 3, 4)  # a fifth table evicts the least recently used (seed 1)
+    assert list(lambda_net._memo) == [(4, 3, s, "cpu") for s in (2, 3, 0, 4)]
+    # a smaller budget set at run time: the next table evicts until the memo fits, keeping the newest
+    monkeypatch.setattr(lambda_net, "SKETCH_MEMO_BYTES", 4 * per)
+    count_sketch([torch.ones(1)], 3, 5)
+    assert list(lambda_net._memo) == [(1, 3, 5, "cpu")]
+    assert lambda_net._memo_bytes() == per
+
+
+@pytest.mark.parametrize("lambda_param", PARAMS)
+def test_out_of_inverts_the_parametrisation(lambda_param: str) -> None:
+    import math
+
+    net = LambdaNetwork("sketch", 22, hidden_size=4, sketch_dim=4, lambda_init=0.5, lambda_param=lambda_param)
+    net.lambda_min = None  # the round trip without log's default floor
+    for lam in (0.2, 0.5, 0.9, 3.0):
+        out = net._out_of(lam)
+        assert float(net._lambda(torch.tensor(out, dtype=torch.float64))) == pytest.approx(lam, rel=1e-9)
+    assert net._out_of(0.0) == -math.inf
+    assert net._out_of(None) is None
+
+
+def test_dual_signal_sums_the_backwards_since_the_last_step() -> None:
+    params = _params()
+    net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=0.2)
+    assert net.dual_signal is None
+    (net(params) * 2.0).backward()
+    assert net.dual_signal == pytest.approx(2.0)
+    (net(params) * 5.0).backward()  # gradient accumulation: a second forward and backward
+    assert net.dual_signal == pytest.approx(7.0)
+    with pytest.raises(ValueError) as info:
+        net.dual_backward(loss_scale=0.0)
+    assert str(info.value) == "LambdaNetwork.dual_backward: loss_scale must be > 0, got 0.0"
+
+
+def _clamp_grads(drive: float, *, top: bool) -> list[torch.Tensor | None]:
+    """The dual gradients of a log-λ network that starts exactly at its clamp (out = 0 = the clamp's
+    output) under ``drive = P − ε``."""
+    clamp = {"lambda_max": 0.1} if top else {"lambda_min": 0.1}
+    net = LambdaNetwork(
+        "sketch",
+        22,
+        hidden_size=8,
+        sketch_dim=4,
+        lambda_init=0.1,
+        lambda_param="log",
+        dual_slack=1.0,
+        **clamp,
+    )
+    net(_params())
+    assert net.dual_backward(penalty=1.0 + drive) == pytest.approx(1.0 + drive)
+    return [p.grad for p in net.parameters()]
+
+
+@pytest.mark.parametrize("top", [True, False])
+def test_a_lambda_at_its_clamp_gets_a_dual_gradient_only_back_inside(top: bool) -> None:
+    outward, inward = (0.5, -0.5) if top else (-0.5, 0.5)
+    assert all(g is None for g in _clamp_grads(outward, top=top)), "pushed further out: no gradient"
+    grads = _clamp_grads(inward, top=top)
+    assert grads[-1] is not None and float(grads[-1]) == pytest.approx(inward)  # d(out)/d(bias) = 1, ψ = out
+    flat = _clamp_grads(0.0, top=top)  # P = ε: the gradient is computed, and it is zero
+    assert all(g is not None and not g.any() for g in flat)
+
+
+def test_memory_bytes_counts_the_float32_parameters() -> None:
+    net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4)
+    assert net.memory_bytes() == 4 * lambda_network_num_parameters("sketch", 22, 8, 4) == 4 * 121
+    assert net.to(torch.float64).memory_bytes() == 8 * 121
