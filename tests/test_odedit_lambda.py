@@ -521,3 +521,111 @@ def test_memory_bytes_counts_the_float32_parameters() -> None:
     net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4)
     assert net.memory_bytes() == 4 * lambda_network_num_parameters("sketch", 22, 8, 4) == 4 * 121
     assert net.to(torch.float64).memory_bytes() == 8 * 121
+
+
+def test_lambda_network_defaults_and_accepted_edges() -> None:
+    net = LambdaNetwork("sketch", 22)
+    assert (net.net[0].in_features, net.net[0].out_features, net.net[2].out_features) == (128, 64, 64)
+    assert (net.seed, net.init_seed, net.lambda_init, net.lambda_param, net.dual_slack) == (
+        0,
+        0,
+        1.0,
+        "softplus",
+        0.0,
+    )
+    assert net.lambda_min is None and net.lambda_max is None  # the floor is log's default only
+    assert LambdaNetwork("params", 1, hidden_size=4).net[0].in_features == 1  # one edit parameter is enough
+    # lambda_init 0: allowed for softplus (lambda ~ 0) and in fixed mode whatever the parametrisation
+    assert float(LambdaNetwork("sketch", 22, lambda_init=0.0)(_params()).detach()) < 1e-5
+    fixed = LambdaNetwork("fixed", 22, lambda_init=0.0, lambda_param="log")
+    assert float(fixed(_params())) == 0.0 and fixed.dual_signal is None
+    # a floor of 0 and a floor / ceiling at lambda_init itself are accepted
+    assert LambdaNetwork("sketch", 22, lambda_init=0.5, lambda_min=0.0).lambda_min == 0.0
+    assert LambdaNetwork("sketch", 22, lambda_init=0.5, lambda_min=0.5, lambda_max=0.5).lambda_max == 0.5
+
+
+def test_lambda_network_refusals_pinned_whole() -> None:
+    def message(**kwargs) -> str:  # noqa: ANN003
+        with pytest.raises(ValueError) as info:
+            LambdaNetwork(**{"mode": "sketch", "num_edit_parameters": 22, **kwargs})
+        return str(info.value)
+
+    assert message(num_edit_parameters=0) == "LambdaNetwork: num_edit_parameters must be >= 1, got 0"
+    assert message(lambda_init=-0.5) == "LambdaNetwork: lambda_init must be >= 0, got -0.5"
+    assert message(lambda_init=1.0, lambda_max=0.5) == (
+        "LambdaNetwork: lambda_max=0.5 is below lambda_init=1.0"
+    )
+    assert message(lambda_init=1.0, lambda_min=1.5) == (
+        "LambdaNetwork: lambda_min=1.5 must be between 0 and lambda_init=1.0"
+    )
+    net = LambdaNetwork("params", 10, hidden_size=4)
+    with pytest.raises(ValueError) as info:
+        net(_params())
+    assert str(info.value) == (
+        "LambdaNetwork: built for 10 edit parameters, got 22; rebuild it for this adapter"
+    )
+
+
+def test_init_seed_alone_sets_the_initial_weights() -> None:
+    a = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, seed=0, init_seed=7)
+    b = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, seed=7)
+    c = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, seed=0)
+    assert a.init_seed == 7 and torch.equal(a.net[0].weight, b.net[0].weight)
+    assert not torch.equal(a.net[0].weight, c.net[0].weight)
+
+
+def test_initial_weights_are_uniform_in_the_fan_in_bound_drawn_in_order() -> None:
+    """W1, b1, W2, b2 ~ U(±1/sqrt(fan_in)) drawn in that order from a CPU generator seeded ``init_seed``;
+    the last layer zero but its bias. A first layer too large for one block (params mode, 300 000 inputs:
+    blocks of 55 and 9 rows of the 64) is drawn in row blocks that give the same numbers as one draw."""
+    import math
+
+    for mode, n, hidden in (("sketch", 22, 8), ("params", 300_000, 64)):
+        net = LambdaNetwork(mode, n, hidden_size=hidden, sketch_dim=4, init_seed=3)
+        gen = torch.Generator().manual_seed(3)
+        for layer in (net.net[0], net.net[2]):
+            bound = 1.0 / math.sqrt(layer.in_features)
+            weight = torch.rand(layer.out_features, layer.in_features, generator=gen) * (2 * bound) - bound
+            bias = torch.rand(layer.out_features, generator=gen) * (2 * bound) - bound
+            assert torch.allclose(layer.weight, weight, rtol=0, atol=1e-7)
+            assert torch.allclose(layer.bias, bias, rtol=0, atol=1e-7)
+        assert not net.net[4].weight.any()
+
+
+def test_lambda_min_floors_the_softplus_parametrisations() -> None:
+    for lambda_param in ("softplus", "scaled_softplus"):
+        net = LambdaNetwork(
+            "sketch",
+            22,
+            hidden_size=4,
+            sketch_dim=4,
+            lambda_init=0.5,
+            lambda_min=0.2,
+            lambda_param=lambda_param,
+        )
+        with torch.no_grad():
+            net.net[4].bias.fill_(-20.0)  # far below the floor
+        assert float(net(_params()).detach()) == pytest.approx(0.2)
+
+
+def test_clear_dual_record_forgets_the_input_unless_told_to_keep_it() -> None:
+    params = _params()
+    net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=0.2)
+    net(params)
+    net.clear_dual_record(keep_input=True)
+    assert net.dual_backward(penalty=2.0) == 2.0 and net.net[4].bias.grad is not None
+    net(params)
+    net.clear_dual_record()
+    assert net.dual_backward(penalty=2.0) is None and net.net[4].bias.grad is None
+
+
+def test_forward_in_float64_without_gradients_and_fixed_with_any_params() -> None:
+    params = _params()
+    net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=0.3).to(torch.float64)
+    lam = net(params)
+    assert lam.dtype == torch.float64 and float(lam.detach()) == pytest.approx(0.3)
+    net.requires_grad_(False)  # gradients enabled, but nothing to record: no hook
+    frozen = [p.detach() for p in params]
+    assert float(net(frozen)) == pytest.approx(0.3) and net.dual_signal is None
+    fixed = LambdaNetwork("fixed", 22, lambda_init=0.3)
+    assert float(fixed([])) == pytest.approx(0.3) and float(fixed(params[:1])) == pytest.approx(0.3)
