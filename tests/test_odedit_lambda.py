@@ -629,3 +629,30 @@ def test_forward_in_float64_without_gradients_and_fixed_with_any_params() -> Non
     assert float(net(frozen)) == pytest.approx(0.3) and net.dual_signal is None
     fixed = LambdaNetwork("fixed", 22, lambda_init=0.3)
     assert float(fixed([])) == pytest.approx(0.3) and float(fixed(params[:1])) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("memo", [True, False])
+def test_network_sketch_and_fixed_lambda_live_on_the_device_they_are_given(
+    monkeypatch: pytest.MonkeyPatch, memo: bool
+) -> None:
+    """The "meta" device stands in for an accelerator on a CPU-only machine: nothing may land on the CPU.
+    The sketch is float32 whatever the default dtype."""
+    _fresh_memo(monkeypatch, 1 << 20 if memo else 0)
+    params = [
+        torch.empty(3, 5, device="meta", requires_grad=True),
+        torch.empty(7, device="meta", requires_grad=True),
+    ]
+    net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, device="meta")
+    assert all(p.device.type == "meta" for p in net.parameters())
+    out = count_sketch(params, 4, 0)
+    assert out.device.type == "meta" and out.dtype == torch.float32
+    out.sum().backward()
+    assert all(p.grad.device.type == "meta" for p in params)
+    assert net(params).device.type == "meta"
+    assert LambdaNetwork("fixed", 22)(params).device.type == "meta"
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        assert count_sketch([torch.ones(3, dtype=torch.float64)], 4, 0).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
