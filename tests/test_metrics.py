@@ -8,6 +8,7 @@ import torch
 from odedit_hf.evaluation.metrics import (
     EASYEDIT_IMAGE_TOPK,
     answer_agreement,
+    answer_top1,
     easyedit_agreement,
     group_scores,
     token_accuracy,
@@ -143,3 +144,75 @@ def test_group_scores_portability_and_unit_consistency_by_hand():
         group_scores(torch.empty(0), torch.empty(0))
     with pytest.raises(ValueError, match=r"\(N,\)"):
         group_scores(torch.ones(2), torch.ones(3))
+
+
+def test_answer_top1_is_the_argmax_as_one_slot_and_serves_answer_agreement():
+    pre = one_hot_logits([[4, 5, 6, 0], [0, 2, 1, 3]])
+    ids = answer_top1(pre)
+    assert ids.shape == (2, 4, 1) and ids.dtype == torch.int64
+    assert ids[..., 0].tolist() == [[4, 5, 6, 0], [0, 2, 1, 3]]
+    labels = torch.tensor([[IGN, 4, 5, 6], [IGN, IGN, 2, IGN]])
+    post = one_hot_logits([[4, 0, 6, 0], [0, 2, 3, 3]])
+    assert torch.equal(answer_agreement(ids, post, labels), answer_agreement(pre, post, labels))
+
+
+def _message(fn, *args, **kwargs) -> str:
+    with pytest.raises(ValueError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+def test_metric_errors_name_the_function_the_shapes_and_the_fix():
+    # each message pinned whole: the function it comes from, the shapes seen, what to do
+    # (issue 20: mutation survivors of metrics.py)
+    long = torch.long
+    # 2-D logits with labels of the same (B, T): refused for the logits alone
+    assert _message(token_accuracy, torch.zeros(1, 4), torch.zeros(1, 4, dtype=long)) == (
+        "token_accuracy: expected logits (B, T, V) and labels (B, T) with the same B and T, "
+        "got logits (1, 4) and labels (1, 4)"
+    )
+    assert _message(token_accuracy, torch.zeros(1, 3, 0), torch.zeros(1, 3, dtype=long)) == (
+        "token_accuracy: the logits have an empty vocabulary dimension (shape (1, 3, 0))"
+    )
+    no_target = torch.tensor([[IGN, IGN, 3], [5, IGN, IGN]])  # sample 1's only label is lost by the shift
+    hint = "build batches with Backbone.build_batch, whose labels cover the target tokens"
+    assert _message(token_accuracy, one_hot_logits([[1, 2, 3], [1, 2, 3]]), no_target) == (
+        f"token_accuracy: samples [1] have no labelled target token after the shift; {hint}"
+    )
+    # answer_agreement
+    pre = one_hot_logits([[1, 2, 3, 4]])
+    labels = torch.tensor([[IGN, IGN, 3, 4]])
+    assert _message(answer_agreement, pre, pre, torch.zeros(1, 3, dtype=long)) == (
+        "answer_agreement: expected logits (B, T, V) and labels (B, T) with the same B and T, "
+        "got logits (1, 4, 12) and labels (1, 3)"
+    )
+    assert _message(answer_agreement, pre[:, :3], pre, labels) == (
+        "answer_agreement: pre (1, 3, 12) and post (1, 4, 12) differ in (B, T)"
+    )
+    assert _message(answer_agreement, torch.zeros(1, 4, 0, dtype=long), pre, labels) == (
+        "answer_agreement: precomputed ids must be (B, T, >= 1), got shape (1, 4, 0)"
+    )
+    assert _message(answer_agreement, pre, pre, torch.tensor([[4, IGN, IGN, IGN]])) == (
+        f"answer_agreement: samples [0] have no labelled target token after the shift; {hint}"
+    )
+    # easyedit_agreement
+    mask = torch.ones(1, 4, dtype=long)
+    assert _message(easyedit_agreement, pre, pre, torch.ones(1, 3, dtype=long), k=1) == (
+        "easyedit_agreement: expected post_logits (B, T, V) and attention_mask (B, T), got "
+        "(1, 4, 12) and (1, 3)"
+    )
+    assert _message(easyedit_agreement, pre[:, :3], pre, mask, k=1) == (
+        "easyedit_agreement: pre (1, 3, 12) and post (1, 4, 12) differ in (B, T)"
+    )
+    assert _message(easyedit_agreement, topk_ids(pre, 1), pre, mask, k=10) == (
+        "easyedit_agreement: precomputed ids must be (B, T, >= 10), got shape (1, 4, 1)"
+    )
+    # one sample all padding is refused even when the other has real positions
+    two = one_hot_logits([[1, 2], [3, 4]])
+    assert _message(easyedit_agreement, two, two, torch.tensor([[1, 1], [0, 0]]), k=1) == (
+        "easyedit_agreement: a sample has no non-padding position"
+    )
+    # topk_ids: V (12) differs from T (4), so the bound names the vocabulary size
+    assert _message(topk_ids, torch.zeros(2, 3), 1) == "topk_ids: expected logits (B, T, V), got shape (2, 3)"
+    assert _message(topk_ids, pre, V + 1) == "topk_ids: k must lie in [1, V=12], got 13"
+    assert _message(topk_ids, pre, 0) == "topk_ids: k must lie in [1, V=12], got 0"

@@ -346,3 +346,313 @@ def test_log_lambda_falls_to_its_floor_and_stays_finite() -> None:
     assert lams[-1] == pytest.approx(5e-4, rel=1e-4)
     assert all(torch.isfinite(p).all() for p in net.parameters())
     assert _dual_steps(net, 3.0, 1)[1] > 1e-3  # and rises again at once when the penalty exceeds the slack
+
+
+# ---------------------------------------------------------------- pinned against hand computations (issue 20:
+# the mutation survivors of lambda_net.py)
+_MASK64 = (1 << 64) - 1
+
+
+def _signed64(x: int) -> int:
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _splitmix(j: int, seed: int) -> int:
+    """The documented hash in plain Python integers: splitmix64's finaliser with wrapping int64 products
+    and arithmetic right shifts (what ``>>`` does on a signed int64 tensor)."""
+    x = _signed64(j * 0x9E3779B97F4A7C15 + seed * 2 + 1)
+    x ^= x >> 31
+    x = _signed64(x * 0xBF58476D1CE4E5B9)
+    x ^= x >> 29
+    x = _signed64(x * 0x94D049BB133111EB)
+    return x ^ (x >> 32)
+
+
+def _reference_sketch(tensors: list[torch.Tensor], k: int, seed: int) -> list[float]:
+    """``S θ`` by hand: tensor ``i`` hashes its own coordinates ``j`` with seed ``seed + 1_000_003·i``;
+    bucket ``h mod k`` (non-negative), sign from bit 40 of ``h``."""
+    out = [0.0] * k
+    for i, t in enumerate(tensors):
+        for j, value in enumerate(t.detach().reshape(-1).tolist()):
+            h = _splitmix(j, seed + 1_000_003 * i)
+            out[h % k] += value * (1.0 if (h >> 40) & 1 else -1.0)
+    return out
+
+
+def _fresh_memo(monkeypatch: pytest.MonkeyPatch, budget: int) -> object:
+    from odedit_hf.methods.odedit import lambda_net
+
+    monkeypatch.setattr(lambda_net, "_memo", type(lambda_net._memo)())
+    monkeypatch.setattr(lambda_net, "SKETCH_MEMO_BYTES", budget)
+    return lambda_net
+
+
+@pytest.mark.parametrize("memo", [True, False])
+def test_count_sketch_equals_the_hand_computed_hash(monkeypatch: pytest.MonkeyPatch, memo: bool) -> None:
+    lambda_net = _fresh_memo(monkeypatch, 1 << 20 if memo else 0)
+    if not memo:
+        monkeypatch.setattr(lambda_net, "_CHUNK", 3)  # rehashed in chunks 0-2, 3-5, 6: starts other than 0
+    gen = torch.Generator().manual_seed(4)
+    # three tensors: each its own seed offset; integer values, so float32 sums are exact
+    tensors = [torch.randint(-9, 10, shape, generator=gen).float() for shape in ((7,), (2, 3), (4,))]
+    for k, seed in ((5, 3), (16, 12345), (1, 7)):
+        params = [t.clone().requires_grad_(True) for t in tensors]
+        out = count_sketch(params, k, seed)
+        assert out.dtype == torch.float32 and out.shape == (k,)
+        assert out.tolist() == _reference_sketch(tensors, k, seed)
+        # the backward is S^T w, coordinate by coordinate: w[bucket] * sign
+        w = torch.arange(1.0, k + 1.0)
+        (out * w).sum().backward()
+        for i, p in enumerate(params):
+            expected = []
+            for j in range(p.numel()):
+                h = _splitmix(j, seed + 1_000_003 * i)
+                expected.append(float(w[h % k]) * (1.0 if (h >> 40) & 1 else -1.0))
+            assert p.grad.reshape(-1).tolist() == expected
+    # some bucket receives both signs (a one-signed hash would pass sums of positive values)
+    signs = {(_splitmix(j, 3) >> 40) & 1 for j in range(7)}
+    assert signs == {0, 1}
+    # float64 parameters get a float64 gradient, float32 sketch
+    p64 = torch.tensor([1.5, -2.0, 0.25], dtype=torch.float64, requires_grad=True)
+    out = count_sketch([p64], 4, 9)
+    assert out.dtype == torch.float32 and out.tolist() == _reference_sketch([p64], 4, 9)
+    out.sum().backward()
+    assert p64.grad.dtype == torch.float64
+
+
+def test_count_sketch_refusals_pinned_whole() -> None:
+    with pytest.raises(ValueError) as info:
+        count_sketch([torch.ones(3)], 0, 0)
+    assert str(info.value) == "count_sketch: k must be >= 1, got 0"
+    with pytest.raises(ValueError) as info:
+        count_sketch([], 4, 0)
+    assert str(info.value) == "count_sketch: no parameters to sketch"
+    # k = 1 is a sketch: the signed sum of every coordinate
+    assert count_sketch([torch.tensor([2.0, 3.0])], 1, 0).tolist() == _reference_sketch(
+        [torch.tensor([2.0, 3.0])], 1, 0
+    )
+
+
+def test_sketch_memo_reuses_tables_counts_bytes_and_evicts_least_recently_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    per = 12  # int64 bucket + float32 sign per coordinate
+    lambda_net = _fresh_memo(monkeypatch, 4 * 4 * per)  # a table is memoised up to 4 coordinates
+    calls = []
+    real = lambda_net._buckets_signs
+    monkeypatch.setattr(lambda_net, "_buckets_signs", lambda *a: calls.append(a[:2]) or real(*a))
+    count_sketch([torch.ones(4)], 3, 0)
+    count_sketch([torch.ones(4)], 3, 0)
+    assert calls == [(0, 4)], "the second sketch reuses the memoised table"
+    assert lambda_net._memo_bytes() == 4 * per
+    count_sketch([torch.ones(5)], 3, 0)  # 60 bytes > a quarter of the budget: hashed, not kept
+    assert calls[-1] == (0, 5) and (5, 3, 0, "cpu") not in lambda_net._memo
+    for seed in (1, 2, 3):  # the budget (192 bytes) holds exactly four tables of 48 bytes
+        count_sketch([torch.ones(4)], 3, seed)
+    assert list(lambda_net._memo) == [(4, 3, s, "cpu") for s in (0, 1, 2, 3)]
+    assert lambda_net._memo_bytes() == lambda_net.SKETCH_MEMO_BYTES
+    count_sketch([torch.ones(4)], 3, 0)  # used again: now the most recent
+    count_sketch([torch.ones(4)], 3, 4)  # a fifth table evicts the least recently used (seed 1)
+    assert list(lambda_net._memo) == [(4, 3, s, "cpu") for s in (2, 3, 0, 4)]
+    # a smaller budget set at run time: the next table evicts until the memo fits, keeping the newest
+    monkeypatch.setattr(lambda_net, "SKETCH_MEMO_BYTES", 4 * per)
+    count_sketch([torch.ones(1)], 3, 5)
+    assert list(lambda_net._memo) == [(1, 3, 5, "cpu")]
+    assert lambda_net._memo_bytes() == per
+
+
+@pytest.mark.parametrize("lambda_param", PARAMS)
+def test_out_of_inverts_the_parametrisation(lambda_param: str) -> None:
+    import math
+
+    net = LambdaNetwork("sketch", 22, hidden_size=4, sketch_dim=4, lambda_init=0.5, lambda_param=lambda_param)
+    net.lambda_min = None  # the round trip without log's default floor
+    for lam in (0.2, 0.5, 0.9, 3.0):
+        out = net._out_of(lam)
+        assert float(net._lambda(torch.tensor(out, dtype=torch.float64))) == pytest.approx(lam, rel=1e-9)
+    assert net._out_of(0.0) == -math.inf
+    assert net._out_of(None) is None
+
+
+def test_dual_signal_sums_the_backwards_since_the_last_step() -> None:
+    params = _params()
+    net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=0.2)
+    assert net.dual_signal is None
+    (net(params) * 2.0).backward()
+    assert net.dual_signal == pytest.approx(2.0)
+    (net(params) * 5.0).backward()  # gradient accumulation: a second forward and backward
+    assert net.dual_signal == pytest.approx(7.0)
+    with pytest.raises(ValueError) as info:
+        net.dual_backward(loss_scale=0.0)
+    assert str(info.value) == "LambdaNetwork.dual_backward: loss_scale must be > 0, got 0.0"
+
+
+def _clamp_grads(drive: float, *, top: bool) -> list[torch.Tensor | None]:
+    """The dual gradients of a log-λ network that starts exactly at its clamp (out = 0 = the clamp's
+    output) under ``drive = P − ε``."""
+    clamp = {"lambda_max": 0.1} if top else {"lambda_min": 0.1}
+    net = LambdaNetwork(
+        "sketch",
+        22,
+        hidden_size=8,
+        sketch_dim=4,
+        lambda_init=0.1,
+        lambda_param="log",
+        dual_slack=1.0,
+        **clamp,
+    )
+    net(_params())
+    assert net.dual_backward(penalty=1.0 + drive) == pytest.approx(1.0 + drive)
+    return [p.grad for p in net.parameters()]
+
+
+@pytest.mark.parametrize("top", [True, False])
+def test_a_lambda_at_its_clamp_gets_a_dual_gradient_only_back_inside(top: bool) -> None:
+    outward, inward = (0.5, -0.5) if top else (-0.5, 0.5)
+    assert all(g is None for g in _clamp_grads(outward, top=top)), "pushed further out: no gradient"
+    grads = _clamp_grads(inward, top=top)
+    assert grads[-1] is not None and float(grads[-1]) == pytest.approx(inward)  # d(out)/d(bias) = 1, ψ = out
+    flat = _clamp_grads(0.0, top=top)  # P = ε: the gradient is computed, and it is zero
+    assert all(g is not None and not g.any() for g in flat)
+
+
+def test_memory_bytes_counts_the_float32_parameters() -> None:
+    net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4)
+    assert net.memory_bytes() == 4 * lambda_network_num_parameters("sketch", 22, 8, 4) == 4 * 121
+    assert net.to(torch.float64).memory_bytes() == 8 * 121
+
+
+def test_lambda_network_defaults_and_accepted_edges() -> None:
+    net = LambdaNetwork("sketch", 22)
+    assert (net.net[0].in_features, net.net[0].out_features, net.net[2].out_features) == (128, 64, 64)
+    assert (net.seed, net.init_seed, net.lambda_init, net.lambda_param, net.dual_slack) == (
+        0,
+        0,
+        1.0,
+        "softplus",
+        0.0,
+    )
+    assert net.lambda_min is None and net.lambda_max is None  # the floor is log's default only
+    assert LambdaNetwork("params", 1, hidden_size=4).net[0].in_features == 1  # one edit parameter is enough
+    # lambda_init 0: allowed for softplus (lambda ~ 0) and in fixed mode whatever the parametrisation
+    assert float(LambdaNetwork("sketch", 22, lambda_init=0.0)(_params()).detach()) < 1e-5
+    fixed = LambdaNetwork("fixed", 22, lambda_init=0.0, lambda_param="log")
+    assert float(fixed(_params())) == 0.0 and fixed.dual_signal is None
+    # a floor of 0 and a floor / ceiling at lambda_init itself are accepted
+    assert LambdaNetwork("sketch", 22, lambda_init=0.5, lambda_min=0.0).lambda_min == 0.0
+    assert LambdaNetwork("sketch", 22, lambda_init=0.5, lambda_min=0.5, lambda_max=0.5).lambda_max == 0.5
+
+
+def test_lambda_network_refusals_pinned_whole() -> None:
+    def message(**kwargs) -> str:  # noqa: ANN003
+        with pytest.raises(ValueError) as info:
+            LambdaNetwork(**{"mode": "sketch", "num_edit_parameters": 22, **kwargs})
+        return str(info.value)
+
+    assert message(num_edit_parameters=0) == "LambdaNetwork: num_edit_parameters must be >= 1, got 0"
+    assert message(lambda_init=-0.5) == "LambdaNetwork: lambda_init must be >= 0, got -0.5"
+    assert message(lambda_init=1.0, lambda_max=0.5) == (
+        "LambdaNetwork: lambda_max=0.5 is below lambda_init=1.0"
+    )
+    assert message(lambda_init=1.0, lambda_min=1.5) == (
+        "LambdaNetwork: lambda_min=1.5 must be between 0 and lambda_init=1.0"
+    )
+    net = LambdaNetwork("params", 10, hidden_size=4)
+    with pytest.raises(ValueError) as info:
+        net(_params())
+    assert str(info.value) == (
+        "LambdaNetwork: built for 10 edit parameters, got 22; rebuild it for this adapter"
+    )
+
+
+def test_init_seed_alone_sets_the_initial_weights() -> None:
+    a = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, seed=0, init_seed=7)
+    b = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, seed=7)
+    c = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, seed=0)
+    assert a.init_seed == 7 and torch.equal(a.net[0].weight, b.net[0].weight)
+    assert not torch.equal(a.net[0].weight, c.net[0].weight)
+
+
+def test_initial_weights_are_uniform_in_the_fan_in_bound_drawn_in_order() -> None:
+    """W1, b1, W2, b2 ~ U(±1/sqrt(fan_in)) drawn in that order from a CPU generator seeded ``init_seed``;
+    the last layer zero but its bias. A first layer too large for one block (params mode, 300 000 inputs:
+    blocks of 55 and 9 rows of the 64) is drawn in row blocks that give the same numbers as one draw."""
+    import math
+
+    for mode, n, hidden in (("sketch", 22, 8), ("params", 300_000, 64)):
+        net = LambdaNetwork(mode, n, hidden_size=hidden, sketch_dim=4, init_seed=3)
+        gen = torch.Generator().manual_seed(3)
+        for layer in (net.net[0], net.net[2]):
+            bound = 1.0 / math.sqrt(layer.in_features)
+            weight = torch.rand(layer.out_features, layer.in_features, generator=gen) * (2 * bound) - bound
+            bias = torch.rand(layer.out_features, generator=gen) * (2 * bound) - bound
+            assert torch.allclose(layer.weight, weight, rtol=0, atol=1e-7)
+            assert torch.allclose(layer.bias, bias, rtol=0, atol=1e-7)
+        assert not net.net[4].weight.any()
+
+
+def test_lambda_min_floors_the_softplus_parametrisations() -> None:
+    for lambda_param in ("softplus", "scaled_softplus"):
+        net = LambdaNetwork(
+            "sketch",
+            22,
+            hidden_size=4,
+            sketch_dim=4,
+            lambda_init=0.5,
+            lambda_min=0.2,
+            lambda_param=lambda_param,
+        )
+        with torch.no_grad():
+            net.net[4].bias.fill_(-20.0)  # far below the floor
+        assert float(net(_params()).detach()) == pytest.approx(0.2)
+
+
+def test_clear_dual_record_forgets_the_input_unless_told_to_keep_it() -> None:
+    params = _params()
+    net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=0.2)
+    net(params)
+    net.clear_dual_record(keep_input=True)
+    assert net.dual_backward(penalty=2.0) == 2.0 and net.net[4].bias.grad is not None
+    net(params)
+    net.clear_dual_record()
+    assert net.dual_backward(penalty=2.0) is None and net.net[4].bias.grad is None
+
+
+def test_forward_in_float64_without_gradients_and_fixed_with_any_params() -> None:
+    params = _params()
+    net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=0.3).to(torch.float64)
+    lam = net(params)
+    assert lam.dtype == torch.float64 and float(lam.detach()) == pytest.approx(0.3)
+    net.requires_grad_(False)  # gradients enabled, but nothing to record: no hook
+    frozen = [p.detach() for p in params]
+    assert float(net(frozen)) == pytest.approx(0.3) and net.dual_signal is None
+    fixed = LambdaNetwork("fixed", 22, lambda_init=0.3)
+    assert float(fixed([])) == pytest.approx(0.3) and float(fixed(params[:1])) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("memo", [True, False])
+def test_network_sketch_and_fixed_lambda_live_on_the_device_they_are_given(
+    monkeypatch: pytest.MonkeyPatch, memo: bool
+) -> None:
+    """The "meta" device stands in for an accelerator on a CPU-only machine: nothing may land on the CPU.
+    The sketch is float32 whatever the default dtype."""
+    _fresh_memo(monkeypatch, 1 << 20 if memo else 0)
+    params = [
+        torch.empty(3, 5, device="meta", requires_grad=True),
+        torch.empty(7, device="meta", requires_grad=True),
+    ]
+    net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, device="meta")
+    assert all(p.device.type == "meta" for p in net.parameters())
+    out = count_sketch(params, 4, 0)
+    assert out.device.type == "meta" and out.dtype == torch.float32
+    out.sum().backward()
+    assert all(p.grad.device.type == "meta" for p in params)
+    assert net(params).device.type == "meta"
+    assert LambdaNetwork("fixed", 22)(params).device.type == "meta"
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        assert count_sketch([torch.ones(3, dtype=torch.float64)], 4, 0).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
