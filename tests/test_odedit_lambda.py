@@ -656,3 +656,157 @@ def test_network_sketch_and_fixed_lambda_live_on_the_device_they_are_given(
         assert count_sketch([torch.ones(3, dtype=torch.float64)], 4, 0).dtype == torch.float32
     finally:
         torch.set_default_dtype(default)
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 20, session 8 part 2: mutation survivors of objective.py (build_lambda_network, dual_step, LossTerms)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _config(**options):  # noqa: ANN202
+    from peft import LoraConfig
+
+    from odedit_hf.methods.odedit import ODEditConfig
+
+    return ODEditConfig(editor=LoraConfig(target_modules=["x"]), **options)
+
+
+def test_build_lambda_network_passes_every_setting_on() -> None:
+    from odedit_hf.methods.odedit.objective import build_lambda_network
+
+    config = _config(
+        lambda_mode="sketch",
+        lambda_hidden_size=6,
+        sketch_dim=5,
+        sketch_seed=7,
+        lambda_init=0.5,
+        lambda_max=3.0,
+        lambda_min=0.01,
+        lambda_lr=0.2,
+    )
+    net, opt = build_lambda_network(config, _params(), init_seed=11)
+    assert (net.mode, net.num_edit_parameters, net.sketch_dim, net.seed, net.init_seed) == (
+        "sketch",
+        22,
+        5,
+        7,
+        11,
+    )
+    assert (net.lambda_max, net.lambda_min) == (3.0, 0.01)
+    assert (net.net[0].in_features, net.net[0].out_features, net.net[2].out_features) == (5, 6, 6)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.2 and opt.defaults["maximize"] is True
+    assert net.net[0].weight.device.type == "cpu"
+    on_meta, _ = build_lambda_network(config, _params(), torch.device("meta"), init_seed=11)
+    assert on_meta.net[0].weight.device.type == "meta"
+    # without the penalty λ is fixed at lambda_init and there is no dual optimiser
+    fixed, none = build_lambda_network(
+        _config(irm_penalty=False, lambda_mode="sketch"), _params(), init_seed=0
+    )
+    assert fixed.mode == "fixed" and fixed.net is None and none is None
+
+
+def test_build_lambda_network_draws_its_init_seed_from_the_global_generator() -> None:
+    from odedit_hf.methods.odedit.objective import build_lambda_network
+
+    torch.manual_seed(123)
+    net, _ = build_lambda_network(_config(sketch_seed=7), _params())
+    torch.manual_seed(123)
+    expected = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    assert net.init_seed == expected != 7
+    torch.manual_seed(124)
+    assert build_lambda_network(_config(sketch_seed=7), _params())[0].init_seed != expected
+
+
+def _sketch_net() -> tuple[LambdaNetwork, torch.optim.Optimizer]:
+    net = LambdaNetwork("sketch", 22, hidden_size=8, sketch_dim=4, lambda_init=0.2, lambda_param="log")
+    return net, torch.optim.SGD(net.parameters(), lr=0.1, maximize=True)
+
+
+def _weights(net: LambdaNetwork) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_dual_step_without_an_optimiser_or_a_network_does_nothing() -> None:
+    params = _params()
+    net, _ = _sketch_net()
+    before = _weights(net)
+    (net(params) * torch.tensor(3.0)).backward()
+    assert dual_step(net, None) is False
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(net)))
+    fixed = LambdaNetwork("fixed", 22, lambda_init=0.5)
+    dummy = torch.nn.Parameter(torch.ones(2))
+    dummy.grad = torch.ones(2)
+    assert dual_step(fixed, torch.optim.SGD([dummy], lr=1.0, maximize=True)) is False
+    assert torch.equal(dummy.detach(), torch.ones(2))
+
+
+def test_dual_step_uses_the_penalty_given_instead_of_the_recorded_one() -> None:
+    params = _params()
+    given, opt = _sketch_net()
+    (given(params) * torch.tensor(3.0)).backward()  # records P = 3
+    assert dual_step(given, opt, penalty=1.0)
+    recorded, opt = _sketch_net()
+    (recorded(params) * torch.tensor(1.0)).backward()  # records P = 1
+    assert dual_step(recorded, opt)
+    other, opt = _sketch_net()
+    (other(params) * torch.tensor(3.0)).backward()
+    assert dual_step(other, opt)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(_weights(given), _weights(recorded)))
+    assert not all(torch.allclose(a, b, atol=1e-7) for a, b in zip(_weights(given), _weights(other)))
+
+
+def test_dual_step_reduces_every_gradient_before_stepping() -> None:
+    params = _params()
+    plain, opt = _sketch_net()
+    start = _weights(plain)
+    (plain(params) * torch.tensor(3.0)).backward()
+    assert dual_step(plain, opt)
+    seen: list[torch.Tensor] = []
+
+    def double(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.clone())
+        return 2 * t
+
+    reduced, opt = _sketch_net()
+    (reduced(params) * torch.tensor(3.0)).backward()
+    assert dual_step(reduced, opt, reduce=double)
+    assert len(seen) == len(start) and any(bool(t.abs().sum() > 0) for t in seen)
+    for s, a, b in zip(start, _weights(plain), _weights(reduced)):
+        assert torch.allclose(b - s, 2 * (a - s), atol=1e-7)
+    assert all(p.grad is None for p in reduced.parameters())
+    # nothing recorded: every process still steps (collectives must match), on zero gradients
+    seen.clear()
+    idle, opt = _sketch_net()
+    before = _weights(idle)
+    assert dual_step(idle, opt, reduce=double) is True
+    assert len(seen) == len(before) and all(torch.equal(t, torch.zeros_like(t)) for t in seen)
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(idle)))
+
+
+def test_dual_step_without_a_signal_drops_stale_gradients() -> None:
+    net, opt = _sketch_net()
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    assert dual_step(net, opt) is False
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_loss_terms_as_floats_names_every_term() -> None:
+    from odedit_hf.methods.odedit.objective import LossTerms
+
+    terms = LossTerms(
+        total=torch.tensor(3.0),
+        r_rel=torch.tensor(1.0),
+        r_loc=torch.tensor(0.5),
+        penalty=torch.tensor(0.25),
+        lam=torch.tensor(2.0),
+        omega_grads={"ood": torch.tensor(-0.5)},
+    )
+    assert terms.as_floats() == {
+        "loss": 3.0,
+        "r_rel": 1.0,
+        "r_loc": 0.5,
+        "penalty": 0.25,
+        "lambda": 2.0,
+        "g_ood": -0.5,
+    }

@@ -424,3 +424,50 @@ def test_irm_environments_choose_the_penalty_terms(requests) -> None:  # noqa: A
         ODEditConfig(editor=config.editor, irm_environments=("everything",))
     with pytest.raises(ValueError, match="irm_environments"):
         ODEditConfig(editor=config.editor, irm_environments=())
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 20, session 8 part 2: mutation survivors of objective.py (the groups and the pre-edit state)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _objective(**options):  # noqa: ANN202
+    from peft import LoraConfig
+
+    from odedit_hf.methods.odedit import ODEditConfig
+    from odedit_hf.methods.odedit.objective import ODEditObjective
+
+    return ODEditObjective(ODEditConfig(editor=LoraConfig(target_modules=["x"]), **options), backbone=None)
+
+
+def test_objective_groups_follow_the_config() -> None:
+    every = _objective()
+    assert every._hidden_groups() == ("edit", "rephrase", "image_rephrase")
+    assert every._loc_groups() == ("loc", "m_loc")
+    assert _objective(hard_negatives=True)._loc_groups() == ("loc", "m_loc", "hard_loc", "hard_m_loc")
+    assert _objective(gen_risk=False)._hidden_groups() == ()
+    assert _objective(loc_risk=False, irm_penalty=False)._loc_groups() == ()
+    assert _objective(loc_risk=False)._loc_groups() == ("loc", "m_loc")  # the penalty needs the OOD rows
+
+
+def test_objective_missing_and_reset() -> None:
+    from types import SimpleNamespace
+
+    from odedit_hf.methods.odedit.risks import PreEditState
+
+    objective = _objective()
+    # a text-only request: no m_loc rows in the batch (owners has no such group)
+    batch = SimpleNamespace(case_ids=["c0"], owners={"edit": [0], "loc": [0]})
+    assert objective._missing(batch)
+    objective.pre.loc_rows[("loc", "c0")] = torch.zeros(1, 3)
+    assert objective._missing(batch)  # bandwidths still missing
+    objective.pre.bandwidths["c0"] = (1.0,)
+    assert not objective._missing(batch)
+    # absolute bandwidths need no pre-edit median
+    fixed = _objective(mmd_bandwidths=(2.0,))
+    fixed.pre.loc_rows[("loc", "c0")] = torch.zeros(1, 3)
+    assert not fixed._missing(batch)
+    objective.reset()
+    assert isinstance(objective.pre, PreEditState)
+    assert objective.pre.loc_rows == {} and objective.pre.bandwidths == {}
+    assert objective._missing(batch)
