@@ -147,6 +147,33 @@ def test_cpu_hash_is_blake2b_of_the_raw_bytes():
     assert hash_tensors([("w", t)]) != hash_tensors([("w", torch.tensor([[1.5, 0.0], [2.0, 3.0]]))])  # -0.0
 
 
+def test_cpu_hash_reads_the_same_bytes_as_a_copy_of_them():
+    """Hashing the array's buffer in place gives the digest of a byte copy (``tobytes``), for every layout:
+    non-contiguous views, an offset slice, 0-dim, bf16, bool and int tensors."""
+    import hashlib
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 5)
+    tensors = [
+        ("f32", w),
+        ("transposed", w.t()),
+        ("strided", w[:, ::2]),
+        ("offset", w[2:4, 1:]),
+        ("scalar", torch.tensor(-0.0)),
+        ("bf16", w.to(torch.bfloat16)),
+        ("bool", w > 0),
+        ("int", torch.arange(7, dtype=torch.int64)),
+        ("empty", torch.empty(0, 3)),
+    ]
+    by_copy = hashlib.blake2b(digest_size=16)
+    for name, t in tensors:
+        by_copy.update(f"{name}|{t.dtype}|{tuple(t.shape)}|cpu|".encode())
+        if t.numel():
+            by_copy.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert hash_tensors(tensors) == by_copy.hexdigest()
+    assert hash_tensors([("strided", w[:, ::2])]) != hash_tensors([("strided", w[:, 1::2])])
+
+
 def test_base_weights_refuse_either_sign_of_peft_alone():
     plain = _Tiny()
     plain.peft_config = {}  # a PEFT attribute without tuner layers (e.g. a half-unwrapped model)

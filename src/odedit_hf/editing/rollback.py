@@ -67,7 +67,8 @@ def hash_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
         if not t.numel():
             continue
         if t.device.type == "cpu":
-            digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            # the contiguous array's own buffer: no copy of the bytes (``tobytes`` copied every tensor)
+            digest.update(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
         else:
             digest.update(_device_fingerprint(t))
     return digest.hexdigest()
