@@ -26,7 +26,7 @@ __all__ = [
 
 #: Version of ODEdit's defaults; bumped whenever a default of :class:`ODEditConfig` changes, and recorded
 #: with the resolved config in every results file (``ODEditMethod.resolved_config``).
-ODEDIT_CONFIG_VERSION = "2"
+ODEDIT_CONFIG_VERSION = "3"
 
 LAMBDA_MODES: tuple[str, ...] = ("params", "sketch", "fixed")
 #: The IRM environments (DESIGN §5): the edit prompt, its rephrases, the locality prompts.
@@ -126,10 +126,13 @@ class ODEditConfig(WrapperConfig):
             Output size of the random projection in `"sketch"` mode.
         sketch_seed (`int`, defaults to 0):
             Seed of the random projection in `"sketch"` mode.
-        lambda_lr (`float`, defaults to 0.1):
+        lambda_lr (`float`, defaults to 0.3):
             Learning rate of the dual step: plain gradient ascent (SGD, ``maximize=True``) on the lambda
             network's dual objective `psi * (P - dual_slack)` (see `lambda_param`), so lambda moves in
-            proportion to the penalty that remains above the slack.
+            proportion to the penalty that remains above the slack. The default 0.3 (config version 3;
+            0.1 before) is the smallest of the measured rates whose lambda moves by a median
+            `|log(lambda_end / lambda_start)|` of at least 0.1 per edit on the tiny world (world seeds 0
+            and 1, FT-L and LoRA, single and sequential; docs/ODEDIT.md).
         lambda_param (`str`, defaults to `"log"`):
             How the network output `out` gives lambda, and the coordinate `psi` its dual step ascends:
             `"softplus"` (lambda = Softplus(out), psi = lambda; the original: on Softplus's flat end a step
@@ -210,7 +213,7 @@ class ODEditConfig(WrapperConfig):
     lambda_hidden_size: int = field(default=64, metadata={"help": "Hidden width of the lambda network."})
     sketch_dim: int = field(default=128, metadata={"help": "Sketch size."})
     sketch_seed: int = field(default=0, metadata={"help": "Sketch seed."})
-    lambda_lr: float = field(default=0.1, metadata={"help": "Dual learning rate."})
+    lambda_lr: float = field(default=0.3, metadata={"help": "Dual learning rate."})
     lambda_max: float | None = field(default=10.0, metadata={"help": "Upper clamp of lambda."})
     lambda_param: str = field(default="log", metadata={"help": "softplus | log | scaled_softplus."})
     dual_slack: float = field(
