@@ -649,3 +649,313 @@ def test_unreadable_image_error_names_the_file_the_record_and_the_fix(tmp_path):
     assert err.reason.startswith(f"cannot read image {bad}: ")
     assert str(err).startswith(f"edits.json, record 2, field 'image': cannot read image {bad}: ")
     assert str(err).endswith(" (replace or re-download the file, or drop the record)")
+
+
+# ---------------------------------------------------------------------------------------------
+# mutation survivors of data/loader.py (issue 20): messages pinned whole, bounds, attributes kept
+
+
+def _error(world, records, **kwargs) -> DataValidationError:
+    with pytest.raises(DataValidationError) as info:
+        _load(world, records, **kwargs)
+    return info.value
+
+
+def test_indexing_errors_say_what_and_the_bounds(world):
+    ds = _load(world, [_record(i) for i in range(3)])
+    with pytest.raises(TypeError) as info:
+        ds["0"]
+    assert (
+        str(info.value)
+        == "MMEditDataset indices must be integers, got str; use .select(indices) for a subset"
+    )
+    for bad in (3, -4):
+        with pytest.raises(IndexError) as info:
+            ds[bad]
+        assert str(info.value) == f"MMEditDataset index {bad} out of range for 3 records"
+    assert ds[2].case_id == 2 and ds[-3].case_id == 0 and ds[-1].case_id == 2
+    with pytest.raises(IndexError) as info:
+        ds.select([0, 3, -1, 2, 5])
+    assert str(info.value) == "MMEditDataset.select: indices [3, -1, 5] out of range for 3 records"
+    assert [r.case_id for r in ds.select([2])] == [2] and len(ds.select([])) == 0
+
+
+def test_select_keeps_the_roots_and_the_skip_record(world):
+    records = [_record(0), {**_record(1), "alt": ""}, _record(2)]
+    ds = _load(world, records, skip_invalid=True)
+    sub = ds.select([1])
+    assert sub.image_root == ds.image_root == os.path.realpath(world["root"])
+    assert sub.rephrase_image_root == ds.rephrase_image_root == os.path.realpath(world["reph"])
+    assert (
+        sub.skipped == ds.skipped == 1 and sub.skip_reasons == ds.skip_reasons and len(sub.skip_reasons) == 1
+    )
+    assert sub[0].case_id == 2 and sub[0].image == ds[1].image
+
+
+def test_requests_of_a_probe_file_hold_tuples(world):
+    ds = _load(world, [_probe_record(0), _record(1)])
+    for req in ds:
+        assert type(req.portability) is tuple and type(req.rephrases) is tuple
+        assert type(req.image_rephrases) is tuple
+
+
+def test_text_field_errors_are_pinned(world):
+    hint = "see load_mmedit's docstring for the optional probe fields"
+    bad_type = {**_record(0), "rephrases": ["fine", 7]}
+    exc = _error(world, [bad_type])
+    assert (exc.reason, exc.field, exc.index, exc.hint) == (
+        "expected a string, got a JSON int (7)",
+        "rephrases[1]",
+        0,
+        hint,
+    )
+    empty = {**_record(0), "hard_loc": " ", "hard_loc_ans": "a"}
+    exc = _error(world, [empty])
+    assert (exc.reason, exc.field, exc.hint) == ("empty value ' '", "hard_loc", hint)
+    not_list = {**_record(0), "rephrases": "one"}
+    exc = _error(world, [not_list])
+    assert (exc.reason, exc.field, exc.hint) == (
+        "expected a list of strings, got a JSON str",
+        "rephrases",
+        hint,
+    )
+    not_list = {**_record(0), "image_rephrases": {"a": 1}}
+    exc = _error(world, [not_list])
+    assert (exc.reason, exc.field) == ("expected a list of strings, got a JSON dict", "image_rephrases")
+    # an empty list is no probe at all
+    assert _load(world, [{**_record(0), "rephrases": []}])[0].rephrases == ()
+
+
+def test_hard_groups_come_together(world):
+    exc = _error(world, [{**_record(0), "hard_m_loc_q": "How many?"}])
+    assert (
+        exc.reason
+        == "hard_m_loc, hard_m_loc_q, hard_m_loc_a come together; missing ['hard_m_loc', 'hard_m_loc_a']"
+    )
+    assert (exc.field, exc.hint) == ("hard_m_loc", "give the whole group or none of it")
+    exc = _error(world, [{**_record(0), "hard_loc_ans": "x"}])
+    assert (
+        exc.reason == "hard_loc, hard_loc_ans come together; missing ['hard_loc']" and exc.field == "hard_loc"
+    )
+    req = _load(world, [{**_record(0), "hard_loc": "Who wrote book 9?", "hard_loc_ans": "author9"}])[0]
+    assert (req.hard_loc, req.hard_loc_ans, req.hard_m_loc) == ("Who wrote book 9?", "author9", None)
+
+
+def test_portability_layouts_and_their_errors(world):
+    hint = "see load_mmedit's docstring for the optional probe fields"
+    # KnowEdit: a category holding one object (not a list) is one item of that kind
+    one = {**_record(0), "portability": {"reasoning": {"prompt": ["p0", "alias"], "ground_truth": [["t0"]]}}}
+    (probe,) = _load(world, [one])[0].portability
+    assert (probe.kind, probe.prompt, probe.target, probe.image) == ("reasoning", "p0", "t0", None)
+    # a plain list: kind "portability" unless the item names its own
+    listed = {
+        **_record(0),
+        "portability": [
+            {"prompt": "p1", "ground_truth": "t1"},
+            {"prompt": "p2", "ground_truth": "t2", "kind": "k"},
+        ],
+    }
+    first, second = _load(world, [listed])[0].portability
+    assert (first.kind, first.prompt, second.kind, second.target) == ("portability", "p1", "k", "t2")
+    exc = _error(world, [{**_record(0), "portability": "p"}])
+    assert (exc.reason, exc.field, exc.hint) == (
+        "expected an object or a list, got a JSON str",
+        "portability",
+        'KnowEdit layout: {"category": [{"prompt": ..., "ground_truth": ...}]}, or a list of items',
+    )
+    exc = _error(world, [{**_record(0), "port_new": {"Q&A": {}}}])
+    assert (exc.reason, exc.field, exc.hint) == (
+        "expected a list, got a JSON dict",
+        "port_new",
+        'VLKEB layout: [{"port_type": "1-hop", "Q&A": {"Question": ..., "Answer": ...}}]',
+    )
+    exc = _error(world, [{**_record(0), "portability": {"a": [{"prompt": "p", "ground_truth": "t"}, 3]}}])
+    assert (exc.reason, exc.field, exc.hint) == (
+        "portability item is a JSON int, not an object",
+        "portability.a[1]",
+        hint,
+    )
+    exc = _error(
+        world, [{**_record(0), "port_new": [{"Q&A": {"Question": "q", "Answer": "a"}}, {"Q&A": "x"}]}]
+    )
+    assert (exc.reason, exc.field, exc.hint) == ("'Q&A' must be an object", "port_new[1]", hint)
+    exc = _error(world, [{**_record(0), "portability": [{"prompt": "p", "ground_truth": ""}]}])
+    assert (exc.reason, exc.field) == ("empty value ''", "portability[0].ground_truth")
+    exc = _error(world, [{**_record(0), "portability": [{"prompt": None, "ground_truth": "t"}]}])
+    assert (exc.reason, exc.field) == (
+        "expected a string, got a JSON NoneType (None)",
+        "portability[0].prompt",
+    )
+    exc = _error(world, [{**_record(0), "portability": [{"prompt": "p", "ground_truth": "t", "image": 5}]}])
+    assert exc.field == "portability[0].image"
+    # VLKEB: asked on the edit image, its kind from port_type; both layouts in one record, in file order
+    both = {
+        **_record(0),
+        "portability": [{"prompt": "p", "ground_truth": "t"}],
+        "port_new": [
+            {"port_type": "1-hop", "Q&A": {"Question": "q", "Answer": "a"}},
+            {"Q&A": {"Question": "q2", "Answer": "a2"}},
+        ],
+    }
+    req = _load(world, [both])[0]
+    assert [(p.kind, p.prompt, p.target) for p in req.portability] == [
+        ("portability", "p", "t"),
+        ("1-hop", "q", "a"),
+        ("portability", "q2", "a2"),
+    ]
+    assert req.portability[1].image == req.image and req.portability[0].image is None
+
+
+@pytest.mark.parametrize(
+    ("questions", "expected"),
+    [(5, "vqa"), (4, "vqa"), (1, "caption"), (0, "caption"), (3, None), (2, None)],
+)
+def test_task_inference_thresholds(world, questions, expected, caplog):
+    records = [_record(i, question=i < questions) for i in range(5)]
+    if expected is None:
+        exc = _error(world, records, task="auto")
+        share = questions / 5
+        assert exc.reason == (
+            f"task='auto' cannot tell VQA from captioning: {share:.0%} of the records' 'src' end with '?'"
+        )
+        assert (exc.field, exc.hint, exc.index) == ("src", "pass task='vqa' or task='caption'", None)
+        assert exc.path == os.path.realpath(world["tmp"] / "edits.json")
+        return
+    with caplog.at_level(logging.INFO, logger="odedit_hf"):
+        ds = _load(world, records, task="auto")
+    assert ds.task == expected
+    assert f"task={expected!r} inferred ({100 * questions / 5:.0f}% of 'src' end with '?')" in caplog.text
+
+
+def test_task_inference_ignores_trailing_space_and_an_empty_file(world):
+    records = [{**_record(i), "src": f"What colour is thing {i}?  "} for i in range(3)]
+    assert _load(world, records, task="auto").task == "vqa"
+    assert _load(world, [], task="auto").task == "vqa"
+
+
+def test_default_image_root_prefers_the_folder_then_images(tmp_path):
+    from odedit_hf.data.loader import IMAGES_SUBFOLDER, default_image_root
+
+    assert IMAGES_SUBFOLDER == "images"
+    source = str(tmp_path / "edits.json")
+    records = [{"src": "x"}, "not a record", {"image": 3}, {"image": "a/1.png"}, {"image": "b/2.png"}]
+    assert default_image_root(source, records) == str(tmp_path)  # found nowhere: the folder
+    _png(tmp_path / "images" / "a" / "1.png", (1, 2, 3))
+    assert default_image_root(source, records) == os.path.join(str(tmp_path), "images")
+    _png(tmp_path / "a" / "1.png", (1, 2, 3))  # in the folder itself too: the folder wins
+    assert default_image_root(source, records) == str(tmp_path)
+    absolute = [{"image": str(tmp_path / "images" / "a" / "1.png")}]
+    assert default_image_root(source, absolute) == str(tmp_path)
+    assert default_image_root(source, []) == str(tmp_path)
+    # only the first record with an image decides
+    assert default_image_root(source, [{"image": "b/2.png"}, {"image": "a/1.png"}]) == str(tmp_path)
+
+
+def test_extra_fields_collects_sorted_keys_or_rejects_them():
+    from odedit_hf.data.loader import ExtraFields
+
+    extra = ExtraFields("f.json", strict=False, known="MMEdit reads src, pred")
+    extra.check(["zeta", "alpha"], {"path": "f.json", "index": 0})
+    extra.check([], {"path": "f.json", "index": 1})
+    extra.check(iter(["alpha"]), {"path": "f.json", "index": 2})
+    assert extra.counts == {"alpha": 2, "zeta": 1}
+    strict = ExtraFields("f.json", strict=True, known="MMEdit reads src, pred")
+    strict.check([], {"path": "f.json", "index": 0})  # nothing unknown: no error
+    with pytest.raises(DataValidationError) as info:
+        strict.check(["zeta", "alpha"], {"path": "f.json", "index": 3})
+    exc = info.value
+    assert (exc.reason, exc.field, exc.index, exc.path) == (
+        "unknown fields ['alpha', 'zeta']",
+        "alpha",
+        3,
+        "f.json",
+    )
+    assert exc.hint == (
+        "MMEdit reads src, pred; rename or drop the others, or load without strict_fields "
+        "(--strict-fields) to ignore them with a warning"
+    )
+    assert strict.counts == {}
+
+
+def test_extra_fields_warning_is_one_line_naming_each_key(caplog):
+    from odedit_hf.data.loader import ExtraFields
+
+    extra = ExtraFields("f.json", strict=False, known="k")
+    with caplog.at_level(logging.WARNING, logger="odedit_hf"):
+        extra.warn()  # nothing collected: silent
+        assert caplog.records == []
+        extra.check(["b", "a"], {"path": "f.json", "index": 0})
+        extra.check(["a"], {"path": "f.json", "index": 1})
+        extra.warn()
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        "f.json: ignoring 2 field(s) odedit-hf does not read: 'a' (2 records), 'b' (1 record) "
+        "(strict_fields=True / --strict-fields makes them an error)"
+    )
+
+
+def test_skipped_records_warning_is_pinned(caplog):
+    from odedit_hf.data.loader import log_skipped
+
+    with caplog.at_level(logging.WARNING, logger="odedit_hf"):
+        log_skipped("f.json", [], 3)
+        assert caplog.records == []
+        log_skipped("f.json", ["first reason", "second"], 3)
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "f.json: skipped 2 invalid record(s), kept 3; first: first reason (all in dataset.skip_reasons)"
+    )
+
+
+def test_probe_errors_carry_the_probe_hint_and_the_root_name(world):
+    hint = "see load_mmedit's docstring for the optional probe fields"
+    for item in ({"prompt": 1, "ground_truth": "t"}, {"prompt": "p", "ground_truth": " "}):
+        exc = _error(world, [{**_record(0), "portability": [item]}])
+        assert exc.hint == hint, exc
+    exc = _error(world, [{**_record(0), "portability": [{"prompt": "p", "ground_truth": "t", "image": ""}]}])
+    assert (exc.reason, exc.hint) == ("empty value ''", hint)
+    hard = {**_record(0), "hard_m_loc": "/abs/x.png", "hard_m_loc_q": "q", "hard_m_loc_a": "a"}
+    exc = _error(world, [hard])
+    assert exc.field == "hard_m_loc" and "relative to image_root" in exc.reason, exc
+    reph = {**_record(0), "image_rephrases": ["/abs/y.png"]}
+    exc = _error(world, [reph])
+    assert exc.field == "image_rephrases[0]" and "relative to rephrase_image_root" in exc.reason, exc
+
+
+def test_dataset_defaults_and_log_lines_name_the_file(world, caplog):
+    import datasets
+
+    ds = MMEditDataset(
+        datasets.Dataset.from_dict({"x": [1]}),
+        path="p",
+        task="vqa",
+        image_root=None,
+        rephrase_image_root=None,
+    )
+    assert (ds.skipped, ds.skip_reasons) == (0, [])
+    assert repr(ds) == "MMEditDataset(path='p', task='vqa', num_records=1, skipped=0)"
+    with pytest.raises(ValueError) as info:
+        MMEditDataset(ds.hf_dataset, path="p", task="qa", image_root=None, rephrase_image_root=None)
+    assert str(info.value) == "MMEditDataset: task must be one of ('vqa', 'caption'), got 'qa'"
+    source = os.path.realpath(world["tmp"] / "edits.json")
+    with caplog.at_level(logging.INFO, logger="odedit_hf"):
+        _load(world, [_record(0)], task="auto")
+    assert f"{source}: task='vqa' inferred (100% of 'src' end with '?')" in caplog.messages
+
+
+def test_default_image_root_logs_where_it_found_the_images(tmp_path, caplog):
+    from odedit_hf.data.loader import default_image_root
+
+    _png(tmp_path / "images" / "a.png", (1, 2, 3))
+    source = str(tmp_path / "edits.json")
+    with caplog.at_level(logging.INFO, logger="odedit_hf"):
+        default_image_root(source, [{"image": "a.png"}])
+    assert caplog.messages == [f"{source}: no image root given; images found under {tmp_path / 'images'}"]
+
+
+def test_a_subject_column_only_when_a_record_has_one(world):
+    with_subject = _load(world, [{**_record(0), "subject": "thing 0"}, _record(1)])
+    assert "subject" in with_subject.hf_dataset.column_names
+    assert with_subject[0].subject == "thing 0" and with_subject[1].subject is None
+    assert "subject" not in _load(world, [_record(0)]).hf_dataset.column_names
