@@ -655,6 +655,10 @@ def test_unreadable_image_error_names_the_file_the_record_and_the_fix(tmp_path):
 # mutation survivors of data/loader.py (issue 20): messages pinned whole, bounds, attributes kept
 
 
+#: the hint of every probe-field error of the loader
+PROBE_HINT = "see load_mmedit's docstring for the optional probe fields"
+
+
 def _error(world, records, **kwargs) -> DataValidationError:
     with pytest.raises(DataValidationError) as info:
         _load(world, records, **kwargs)
@@ -700,24 +704,23 @@ def test_requests_of_a_probe_file_hold_tuples(world):
 
 
 def test_text_field_errors_are_pinned(world):
-    hint = "see load_mmedit's docstring for the optional probe fields"
     bad_type = {**_record(0), "rephrases": ["fine", 7]}
     exc = _error(world, [bad_type])
     assert (exc.reason, exc.field, exc.index, exc.hint) == (
         "expected a string, got a JSON int (7)",
         "rephrases[1]",
         0,
-        hint,
+        PROBE_HINT,
     )
     empty = {**_record(0), "hard_loc": " ", "hard_loc_ans": "a"}
     exc = _error(world, [empty])
-    assert (exc.reason, exc.field, exc.hint) == ("empty value ' '", "hard_loc", hint)
+    assert (exc.reason, exc.field, exc.hint) == ("empty value ' '", "hard_loc", PROBE_HINT)
     not_list = {**_record(0), "rephrases": "one"}
     exc = _error(world, [not_list])
     assert (exc.reason, exc.field, exc.hint) == (
         "expected a list of strings, got a JSON str",
         "rephrases",
-        hint,
+        PROBE_HINT,
     )
     not_list = {**_record(0), "image_rephrases": {"a": 1}}
     exc = _error(world, [not_list])
@@ -742,7 +745,6 @@ def test_hard_groups_come_together(world):
 
 
 def test_portability_layouts_and_their_errors(world):
-    hint = "see load_mmedit's docstring for the optional probe fields"
     # KnowEdit: a category holding one object (not a list) is one item of that kind
     one = {**_record(0), "portability": {"reasoning": {"prompt": ["p0", "alias"], "ground_truth": [["t0"]]}}}
     (probe,) = _load(world, [one])[0].portability
@@ -773,12 +775,12 @@ def test_portability_layouts_and_their_errors(world):
     assert (exc.reason, exc.field, exc.hint) == (
         "portability item is a JSON int, not an object",
         "portability.a[1]",
-        hint,
+        PROBE_HINT,
     )
     exc = _error(
         world, [{**_record(0), "port_new": [{"Q&A": {"Question": "q", "Answer": "a"}}, {"Q&A": "x"}]}]
     )
-    assert (exc.reason, exc.field, exc.hint) == ("'Q&A' must be an object", "port_new[1]", hint)
+    assert (exc.reason, exc.field, exc.hint) == ("'Q&A' must be an object", "port_new[1]", PROBE_HINT)
     exc = _error(world, [{**_record(0), "portability": [{"prompt": "p", "ground_truth": ""}]}])
     assert (exc.reason, exc.field) == ("empty value ''", "portability[0].ground_truth")
     exc = _error(world, [{**_record(0), "portability": [{"prompt": None, "ground_truth": "t"}]}])
@@ -909,12 +911,11 @@ def test_skipped_records_warning_is_pinned(caplog):
 
 
 def test_probe_errors_carry_the_probe_hint_and_the_root_name(world):
-    hint = "see load_mmedit's docstring for the optional probe fields"
     for item in ({"prompt": 1, "ground_truth": "t"}, {"prompt": "p", "ground_truth": " "}):
         exc = _error(world, [{**_record(0), "portability": [item]}])
-        assert exc.hint == hint, exc
+        assert exc.hint == PROBE_HINT, exc
     exc = _error(world, [{**_record(0), "portability": [{"prompt": "p", "ground_truth": "t", "image": ""}]}])
-    assert (exc.reason, exc.hint) == ("empty value ''", hint)
+    assert (exc.reason, exc.hint) == ("empty value ''", PROBE_HINT)
     hard = {**_record(0), "hard_m_loc": "/abs/x.png", "hard_m_loc_q": "q", "hard_m_loc_a": "a"}
     exc = _error(world, [hard])
     assert exc.field == "hard_m_loc" and "relative to image_root" in exc.reason, exc
