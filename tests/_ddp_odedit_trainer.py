@@ -94,3 +94,5 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # gloo can abort at exit when its group is left to the destructors (pytorch/pytorch#190489)
+    torch.distributed.destroy_process_group()

@@ -145,3 +145,5 @@ def main(model_dir: str, data: str, out_dir: str, methods: str, extra: list[str]
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
+    # gloo can abort at exit when its group is left to the destructors (pytorch/pytorch#190489)
+    torch.distributed.destroy_process_group()

@@ -130,6 +130,28 @@ def test_sequential_cannot_be_sharded():
         run_protocol_distributed("sequential", None, None, [], state=_State())
 
 
+def test_the_command_closes_the_launchers_process_group_and_main_keeps_it(tmp_path, capsys):
+    """A run under torchrun left its gloo group to the exit-time destructors, and a rank that had finished
+    could abort (SIGABRT: "terminate called without an active exception"); the command now destroys the
+    group once it has returned, while in-process callers of main() keep theirs."""
+    import torch.distributed as dist
+
+    from odedit_hf.cli.main import entry
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert main(["methods"]) == 0
+        assert dist.is_initialized()
+        assert entry(["methods"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert "odedit" in capsys.readouterr().out
+    assert entry(["methods"]) == 0  # no group: nothing to close, no error
+
+
 def test_odedit_trainer_on_two_processes_keeps_replicas_and_lambda_in_step(tmp_path):
     # each rank edits a different half of the batch: without the all-reduce of the dual gradient (and DDP's
     # of the primal one) the replicas' lambda-networks and adapters would drift apart

@@ -77,5 +77,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def close_process_group() -> None:
+    """Destroy the process group that a launcher's run (torchrun, accelerate launch) set up, while the
+    interpreter is still whole. Left to the exit-time destructors, gloo's worker threads can abort a
+    process that has already done its work (SIGABRT, ``terminate called without an active exception``;
+    pytorch/pytorch#190489). Nothing to do outside a launcher."""
+    dist = sys.modules.get("torch.distributed")  # never import torch for this
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def entry(argv: Sequence[str] | None = None) -> int:
+    """The ``odedit-hf`` command and ``python -m odedit_hf.cli.main``: :func:`main`, then the process group
+    closed once the command has returned (not after an exception, when another process may still be
+    waiting in a collective). In-process callers of :func:`main` keep their group."""
+    code = main(argv)
+    close_process_group()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
