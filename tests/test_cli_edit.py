@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -194,6 +195,23 @@ def test_methods_command_lists_every_method_with_its_options(capsys):
         "--ftl.norm-constraint",
     ):
         assert expected in text
+
+
+def test_each_option_help_is_its_own_docstring_entry(capsys):
+    """An ``Args:`` entry whose type note holds parentheses (``defaults to `("a", "b")` ``) was read as part
+    of the entry above it: ``--odedit.loc-positions`` showed irm_environments' text and
+    ``--odedit.irm-environments`` fell back to its field's one-line help."""
+    from odedit_hf.cli.options import _docstring_args
+    from odedit_hf.methods.odedit.config import ODEditConfig
+
+    docs = _docstring_args(ODEditConfig)
+    assert docs["loc_positions"].endswith('`"all"` = every non-padding text position.')
+    assert docs["irm_environments"].startswith("The environments whose omega-derivatives enter the IRM-TV")
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    entry = re.compile(r"\b[a-z_]+ \(`[^`]+`(, defaults to|, \*optional\*)")  # another entry's heading
+    merged = [line.strip()[:60] for line in text.splitlines() if entry.search(line)]
+    assert not merged, f"help texts that run into the next docstring entry: {merged}"
 
 
 def test_missing_model_is_a_clear_error(data_file, tmp_path, capsys):

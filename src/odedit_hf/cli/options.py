@@ -73,7 +73,9 @@ def _docstring_args(cls: type) -> dict[str, str]:
             if lead < indent:
                 break
             match = (
-                re.match(r"\s*([A-Za-z_][\w, ]*?)\s*(\([^)]*\))?:\s*(.*)$", line) if lead == indent else None
+                re.match(r"\s*([A-Za-z_][\w, ]*?)\s*(\((?:[^()]|\([^()]*\))*\))?:\s*(.*)$", line)
+                if lead == indent
+                else None
             )
             if match:
                 for name in current:
