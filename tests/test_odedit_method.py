@@ -631,3 +631,35 @@ def test_terms_risk_is_the_total_without_the_penalty(irm_penalty: bool, requests
         assert total > risk
     else:
         assert terms.penalty is None and risk == total
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 20, session 11: the pre-edit rows follow the post-edit logits' device
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_pre_edit_rows_move_to_the_post_edit_device(monkeypatch) -> None:  # noqa: ANN001
+    """Pre-edit rows held on the CPU, post-edit logits elsewhere (``meta``, the stand-in for an accelerator).
+
+    The kernels refuse rows on two devices, so R_loc needs the pre-edit rows moved to the logits' device.
+    (``loc_positions="all"`` cannot run on ``meta``: ``locality_rows`` reads its mask's values.)
+    """
+    from types import SimpleNamespace
+
+    from odedit_hf.methods.odedit import objective as objective_module
+
+    objective = _objective(gen_risk=False, irm_penalty=False, kernel_backend="torch")
+    outputs = {
+        "edit": SimpleNamespace(
+            answer_logits=torch.randn(2, 5, generator=torch.Generator().manual_seed(0)),
+            answer_targets=torch.tensor([1, 2]),
+        ),
+        "loc": SimpleNamespace(answer_logits=torch.randn(3, 5, device="meta")),
+    }
+    monkeypatch.setattr(objective_module, "run_groups", lambda *args, **kwargs: outputs)
+    objective.pre.loc_rows[("loc", "a")] = torch.randn(2, 5)  # on the CPU
+    objective.pre.loc_rows[("loc", "b")] = torch.randn(1, 5)
+    batch = SimpleNamespace(case_ids=["a", "b"], owners={"loc": [0, 1]})
+    terms = objective(None, batch)
+    assert terms.r_loc.device.type == "meta" and terms.r_loc.shape == ()
+    assert terms.r_rel.device.type == "cpu"
