@@ -471,3 +471,195 @@ def test_objective_missing_and_reset() -> None:
     assert isinstance(objective.pre, PreEditState)
     assert objective.pre.loc_rows == {} and objective.pre.bandwidths == {}
     assert objective._missing(batch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 20, session 10: the rest of objective.py's survivors (loc_positions="all", the backend, the
+# messages, terms.risk)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _edited_objective(requests, **objective):  # noqa: ANN001, ANN202
+    """A tiny LLaVA whose FT-L adapter already edits (one edit of requests[0]), and an objective for requests[1:]."""
+    from odedit_hf.methods.odedit.objective import ODEditObjective
+
+    backbone = _backbone()
+    method = ODEditMethod(_editor("ft", steps=3), objective=objective)
+    peft_model, _, _ = _wrap(method, backbone)
+    method.edit(peft_model, backbone, requests[:1])
+    config = peft_model.peft_config["default"]
+    return peft_model, backbone, config, ODEditObjective(config, backbone)
+
+
+def _text_rows(group, row: int) -> torch.Tensor:  # noqa: ANN001
+    """Row ``row``'s logits at every position whose own and next token are text (by hand)."""
+    text = group.attention_mask[row].bool()
+    if group.image_mask is not None:
+        text = text & ~group.image_mask[row].bool()
+    keep = text[:-1] & text[1:]
+    return group.logits[row, :-1][keep]
+
+
+def _kl_rows(pre: torch.Tensor, post: torch.Tensor) -> float:
+    p = torch.softmax(pre.double(), dim=-1)
+    return float(
+        (p * (torch.log_softmax(pre.double(), -1) - torch.log_softmax(post.double(), -1))).sum(-1).mean()
+    )
+
+
+def test_loc_positions_all_compares_every_text_position_of_each_row(requests) -> None:  # noqa: ANN001
+    from odedit_hf.editing.environments import run_groups
+
+    peft_model, backbone, config, obj = _edited_objective(requests, loc_positions="all", gen_risk=False)
+    two = [requests[1], requests[0]]
+    batch = build_edit_batch(backbone, two, config)
+    with torch.no_grad():
+        with peft_model.disable_adapter():
+            obj.prepare(backbone.forward, batch)
+            before = run_groups(backbone.forward, backbone, batch)
+        after = run_groups(backbone.forward, backbone, batch)
+        terms = obj(backbone.forward, batch, torch.tensor(1.0))
+    pre, post = [], []
+    for g in ("loc", "m_loc"):
+        assert len(batch.owners[g]) == 2
+        for row, owner in enumerate(batch.owners[g]):
+            expected = _text_rows(before[g], row)
+            stored = obj.pre.loc_rows[(g, batch.case_ids[owner])]
+            assert stored.dtype == torch.float32 and stored.shape == expected.shape
+            assert torch.allclose(stored, expected.float(), atol=1e-6)
+            pre.append(expected)
+            post.append(_text_rows(after[g], row))
+    # "all" gathers more rows than the answer positions alone
+    assert (
+        sum(r.shape[0] for r in pre)
+        > before["loc"].answer_logits.shape[0] + before["m_loc"].answer_logits.shape[0]
+    )
+    r_loc = float(terms.r_loc)
+    assert r_loc > 1e-6
+    assert r_loc == pytest.approx(_kl_rows(torch.cat(pre), torch.cat(post)), rel=2e-3)  # float32 KL
+
+
+def _group(logits: torch.Tensor, attention_mask: torch.Tensor):  # noqa: ANN202
+    from types import SimpleNamespace
+
+    labels = torch.full(attention_mask.shape, -100)
+    labels[:, -1] = 0
+    return SimpleNamespace(
+        logits=logits,
+        labels=labels,
+        attention_mask=attention_mask,
+        image_mask=None,
+        answer_logits_per_row=lambda: [logits[r, -2:-1] for r in range(logits.shape[0])],
+    )
+
+
+@pytest.mark.parametrize("positions", ["all", "answer"])
+def test_record_skips_a_missing_group_and_keeps_the_next(positions: str) -> None:
+    """A batch without ``loc`` rows (only ``m_loc``): the ``m_loc`` rows are still recorded."""
+    from types import SimpleNamespace
+
+    objective = _objective(loc_positions=positions, gen_risk=False)
+    logits = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    batch = SimpleNamespace(case_ids=["a", "b"], owners={"m_loc": [1, 0]})
+    objective._record({"m_loc": _group(logits, mask)}, batch)
+    assert set(objective.pre.loc_rows) == {("m_loc", "a"), ("m_loc", "b")}
+    row0, row1 = objective.pre.loc_rows[("m_loc", "b")], objective.pre.loc_rows[("m_loc", "a")]
+    assert row0.dtype == torch.float32 and row1.dtype == torch.float32
+    if positions == "all":
+        assert torch.equal(row0, logits[0, :3].float())  # every position of the full row
+        assert torch.equal(row1, logits[1, 1:3].float())  # the padded row: positions 1, 2
+    else:
+        assert torch.equal(row0, logits[0, 2:3].float()) and torch.equal(row1, logits[1, 2:3].float())
+
+
+def test_kernel_backend_reaches_every_kernel_call(requests, monkeypatch) -> None:  # noqa: ANN001
+    from odedit_hf.methods.odedit import objective as objective_module
+
+    peft_model, backbone, config, obj = _edited_objective(requests, kernel_backend="torch")
+    batch = build_edit_batch(backbone, requests[1:], config)
+    with peft_model.disable_adapter():
+        obj.prepare(backbone.forward, batch)
+    seen = []
+    for name in ("reliability_risk_rows", "locality_risk", "generality_risk"):
+        original = getattr(objective_module, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            seen.append((_name, kwargs.get("backend")))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(objective_module, name, spy)
+    with torch.no_grad():
+        obj(backbone.forward, batch, torch.tensor(1.0))
+    assert seen == [
+        ("reliability_risk_rows", "torch"),
+        ("locality_risk", "torch"),
+        ("generality_risk", "torch"),
+        ("reliability_risk_rows", "torch"),
+    ]
+
+
+def test_objective_error_messages(requests) -> None:  # noqa: ANN001
+    peft_model, backbone, config, obj = _edited_objective(requests)
+    batch = build_edit_batch(backbone, requests[1:], config)
+    with pytest.raises(ValueError) as missing:
+        obj(backbone.forward, batch, torch.tensor(1.0))
+    assert str(missing.value) == (
+        "ODEditObjective: no pre-edit state for these requests; call prepare() with the adapter disabled first"
+    )
+    with peft_model.disable_adapter():
+        obj.prepare(backbone.forward, batch)
+    with pytest.raises(ValueError) as no_lambda, torch.no_grad():
+        obj(backbone.forward, batch)
+    assert str(no_lambda.value) == "ODEditObjective: irm_penalty is on but no lambda was given"
+
+
+@pytest.mark.parametrize("irm_penalty", [True, False])
+def test_terms_risk_is_the_total_without_the_penalty(irm_penalty: bool, requests) -> None:  # noqa: ANN001
+    peft_model, backbone, config, obj = _edited_objective(requests, irm_penalty=irm_penalty)
+    batch = build_edit_batch(backbone, requests[1:], config)
+    with peft_model.disable_adapter():
+        obj.prepare(backbone.forward, batch)
+    with torch.no_grad():
+        terms = obj(backbone.forward, batch, torch.tensor(0.7))
+    total, risk = float(terms.total), float(terms.risk)
+    parts = float(terms.r_rel) + config.alpha * float(terms.r_loc) + config.beta * float(terms.r_gen)
+    assert risk == pytest.approx(parts, rel=1e-5)
+    if irm_penalty:
+        assert float(terms.penalty) > 1e-8
+        assert risk == pytest.approx(total - 0.7 * float(terms.penalty), rel=1e-5)
+        assert total > risk
+    else:
+        assert terms.penalty is None and risk == total
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 20, session 11: the pre-edit rows follow the post-edit logits' device
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_pre_edit_rows_move_to_the_post_edit_device(monkeypatch) -> None:  # noqa: ANN001
+    """Pre-edit rows held on the CPU, post-edit logits elsewhere (``meta``, the stand-in for an accelerator).
+
+    The kernels refuse rows on two devices, so R_loc needs the pre-edit rows moved to the logits' device.
+    (``loc_positions="all"`` cannot run on ``meta``: ``locality_rows`` reads its mask's values.)
+    """
+    from types import SimpleNamespace
+
+    from odedit_hf.methods.odedit import objective as objective_module
+
+    objective = _objective(gen_risk=False, irm_penalty=False, kernel_backend="torch")
+    outputs = {
+        "edit": SimpleNamespace(
+            answer_logits=torch.randn(2, 5, generator=torch.Generator().manual_seed(0)),
+            answer_targets=torch.tensor([1, 2]),
+        ),
+        "loc": SimpleNamespace(answer_logits=torch.randn(3, 5, device="meta")),
+    }
+    monkeypatch.setattr(objective_module, "run_groups", lambda *args, **kwargs: outputs)
+    objective.pre.loc_rows[("loc", "a")] = torch.randn(2, 5)  # on the CPU
+    objective.pre.loc_rows[("loc", "b")] = torch.randn(1, 5)
+    batch = SimpleNamespace(case_ids=["a", "b"], owners={"loc": [0, 1]})
+    terms = objective(None, batch)
+    assert terms.r_loc.device.type == "meta" and terms.r_loc.shape == ()
+    assert terms.r_rel.device.type == "cpu"
