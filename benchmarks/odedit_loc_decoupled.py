@@ -16,62 +16,51 @@ import sys
 import torch
 
 import odedit_hf.methods.odedit.method as method_module
-from odedit_hf.editing import loop as loop_module
-from odedit_hf.editing.editor import apply_constraints, constrained_layers
 
+KAPPA = 1.0
 STASH: dict = {}
 _objective_call = method_module.ODEditObjective.__call__
+_step_call = method_module.PrimalDualObjective.__call__
 
 
-def _call(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+def _terms(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
     terms = _objective_call(self, *args, **kwargs)
     STASH["r_loc"], STASH["alpha"] = terms.r_loc, self.config.alpha
     return terms
 
 
-def make_loop(kappa: float):  # noqa: ANN201
-    def run(model, params, config, objective, *, snapshot=None):  # noqa: ANN001, ANN202, ARG001
-        trainable = [p for p in params if p.requires_grad]
-        layers = constrained_layers(model)
-        optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
-        losses, steps, early = [], 0, False
-        for step in range(config.steps + 1):
-            STASH.clear()
-            total, stop_value, _ = objective(step)
-            losses.append(float(total.detach()))
-            if objective.should_stop(step, stop_value):
-                early = True
-                break
-            if step == config.steps:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            r_loc = STASH.get("r_loc")
-            grads = None
-            if r_loc is not None and r_loc.requires_grad:
-                loc = STASH["alpha"] * r_loc
-                grads = torch.autograd.grad(loc, trainable, retain_graph=True, allow_unused=True)
-                (total - loc).backward()
-            else:
-                total.backward()
-            optimizer.step()
-            if grads is not None:
-                with torch.no_grad():
-                    for p, g in zip(trainable, grads):
-                        if g is not None:
-                            p.sub_(kappa * config.lr * g)
-            objective.after_optimizer_step(step)
-            if layers:
-                apply_constraints(model, layers)
-            steps += 1
-        optimizer.zero_grad(set_to_none=True)
-        return loop_module.EditStats(steps=steps, final_loss=losses[-1], losses=losses, stopped_early=early)
+def _step(self, step):  # noqa: ANN001, ANN202
+    """The step's loss without alpha * R_loc; that term's gradient is kept for the plain step."""
+    STASH.clear()
+    total, stop_value, named = _step_call(self, step)
+    r_loc = STASH.get("r_loc")
+    if r_loc is not None and r_loc.requires_grad:
+        loc = STASH["alpha"] * r_loc
+        params = [p for p in self.params if p.requires_grad]
+        STASH["grads"] = (params, torch.autograd.grad(loc, params, retain_graph=True, allow_unused=True))
+        total = total - loc
+    return total, stop_value, named
 
-    return run
+
+class DecoupledAdam(torch.optim.Adam):
+    """Adam on the rest of the objective, then ``p -= KAPPA * lr * d(alpha * R_loc)/dp``."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        out = super().step(closure)
+        params, grads = STASH.pop("grads", ((), ()))
+        lr = self.param_groups[0]["lr"]
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.sub_(KAPPA * lr * g)
+        return out
 
 
 if __name__ == "__main__":
-    method_module.ODEditObjective.__call__ = _call
-    method_module.run_edit_loop = make_loop(float(sys.argv[1]))
+    KAPPA = float(sys.argv[1])
+    method_module.ODEditObjective.__call__ = _terms
+    method_module.PrimalDualObjective.__call__ = _step
+    torch.optim.Adam = DecoupledAdam  # the edit loop builds its optimiser as torch.optim.Adam
     from odedit_hf.cli.main import main
 
     sys.exit(main(sys.argv[2:]))

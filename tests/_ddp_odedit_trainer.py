@@ -94,5 +94,6 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # gloo can abort at exit when its group is left to the destructors (pytorch/pytorch#190489)
-    torch.distributed.destroy_process_group()
+    from odedit_hf.cli.main import close_process_group
+
+    close_process_group()  # as the odedit-hf command does: gloo can abort at exit otherwise

@@ -145,5 +145,6 @@ def main(model_dir: str, data: str, out_dir: str, methods: str, extra: list[str]
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
-    # gloo can abort at exit when its group is left to the destructors (pytorch/pytorch#190489)
-    torch.distributed.destroy_process_group()
+    from odedit_hf.cli.main import close_process_group
+
+    close_process_group()  # as the odedit-hf command does: gloo can abort at exit otherwise
