@@ -5,10 +5,12 @@ the edit holds; locality (layers before the first edited one untouched); save/lo
 stock peft after ``import odedit_hf``; ``disable_adapter`` gives the base outputs; rollback restores the
 base outputs and the base-weight hash; a second sequential edit accumulates; merge/unmerge.
 
-One edit per row serves the checks (``edited`` is module-scoped, so pytest runs every check of a row
-before the next row): the checks that change the adapter come last, in this file's order -- the
-sequential edit, then the rollback, which unloads the adapter. Merge/unmerge gets its own edit
-(LoRA's unmerge is not bit-exact, so it would taint the rollback check).
+One edit per row serves the checks (the row is a module-scoped parameter, so pytest runs every check of
+a row before the next row). A check that changes the adapter (the sequential edit; the rollback, which
+unloads it) marks the edit ``dirty`` first, and the next check of that row gets a fresh edit: each check
+passes or fails on its own, in any order (mutmut reorders tests by duration), and in this file's order
+no edit is made twice. Merge/unmerge gets its own edit (LoRA's unmerge is not bit-exact, so it would
+taint the rollback check).
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class Edited:
     base_edit_logits: torch.Tensor
     base_loc_logits: torch.Tensor
     base_hidden: tuple[torch.Tensor, ...]
+    dirty: bool = False  # set by a check that changes the adapter: the next check makes a new edit
 
 
 def _run(model: Any, batch: dict[str, torch.Tensor], **kwargs: Any) -> Any:
@@ -170,8 +173,16 @@ def _edit(row: Row, requests) -> Edited:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module", params=ROWS, ids=[r.id for r in ROWS])
-def edited(request: pytest.FixtureRequest, requests) -> Edited:  # noqa: ANN001
-    return _edit(request.param, requests)
+def row_state(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return {"row": request.param, "edited": None}
+
+
+@pytest.fixture
+def edited(row_state: dict[str, Any], requests) -> Edited:  # noqa: ANN001
+    current = row_state["edited"]
+    if current is None or current.dirty:
+        current = row_state["edited"] = _edit(row_state["row"], requests)
+    return current
 
 
 @pytest.fixture(params=ROWS, ids=[r.id for r in ROWS])
@@ -234,7 +245,7 @@ def test_save_load_round_trip_with_stock_peft(edited: Edited, tmp_path):
 NORM_ROWS = [r for r in ROWS if "norm_constraint" in r.case.options]
 
 
-@pytest.mark.parametrize("edited", NORM_ROWS, ids=[r.id for r in NORM_ROWS], indirect=True)
+@pytest.mark.parametrize("row_state", NORM_ROWS, ids=[r.id for r in NORM_ROWS], indirect=True)
 def test_rollback_check_catches_a_write_into_the_base(edited: Edited):
     from odedit_hf.editing import RollbackError
 
@@ -256,6 +267,7 @@ def test_rollback_check_catches_a_write_into_the_base(edited: Edited):
 
 
 def test_sequential_edits_accumulate(edited: Edited, requests):  # noqa: ANN001
+    edited.dirty = True  # a second edit on top: the other checks need the one-edit state
     after_first = _run(edited.peft_model, edited.edit_batch).logits
     second_batch, _ = _batches(edited.backbone, requests[1])
     before_second, _ = token_accuracy(_run(edited.peft_model, second_batch).logits, second_batch["labels"])
@@ -275,6 +287,7 @@ def test_sequential_edits_accumulate(edited: Edited, requests):  # noqa: ANN001
 
 
 def test_rollback_restores_base_outputs_and_hash(edited: Edited):
+    edited.dirty = True  # restores and unloads the adapter
     assert edited.base.digest() == edited.base_digest, "the edit wrote into the base weights"
     edited.snapshot.restore()
     assert torch.equal(_run(edited.peft_model, edited.edit_batch).logits, edited.base_edit_logits)
