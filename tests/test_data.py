@@ -1170,8 +1170,11 @@ def test_a_utf8_file_loads_whatever_the_locale(world):
     import odedit_hf
 
     record = {**_record(0), "alt": "bleu clair \u00e9t\u00e9", "loc_ans": "\u00c9mile Zola"}
-    p = world["write"]([record])
-    assert _load(world, [record])[0].alt == record["alt"]  # here (a UTF-8 locale, most likely)
+    p = world["tmp"] / "edits.json"
+    p.write_text(json.dumps([record], ensure_ascii=False), encoding="utf-8")  # raw UTF-8, not \u escapes
+    assert b"\xc3\xa9" in p.read_bytes()
+    # here, in this process's locale (UTF-8, most likely)
+    assert load_mmedit(p, world["root"], world["reph"])[0].alt == record["alt"]
     code = (
         "import sys; from odedit_hf.data import load_mmedit; "
         "r = load_mmedit(sys.argv[1], sys.argv[2], sys.argv[3])[0]; print(ascii([r.alt, r.loc_ans]))"
