@@ -416,3 +416,64 @@ def test_image_path_in_a_sibling_folder_with_the_root_as_prefix_is_rejected(tmp_
     with pytest.raises(DataValidationError, match="outside image_root") as info:
         load_mmedit(path, root)
     assert info.value.field == "image" and info.value.index == 0
+
+
+# ------------------------------------------------------------------ protocols' mutation survivors (session 12)
+def test_edit_seed_is_the_documented_function_of_the_run_seed_and_the_case() -> None:
+    """The per-edit seed is pinned: changing it silently changes every published row of the single and batch
+    protocols. Values by hand from ``(seed * 1_000_003 + case_id) % (2**63 - 1)``."""
+    from odedit_hf.evaluation.protocols import edit_seed
+
+    assert edit_seed(0, 0) == 0 and edit_seed(0, 41) == 41
+    assert edit_seed(7, 11) == 7_000_032
+    assert edit_seed(2**62, 5) == 4_611_686_018_427_887_910  # wraps below torch.manual_seed's bound
+    assert isinstance(edit_seed(3, 2), int)
+
+
+@pytest.mark.parametrize("protocol", ["single", "batch"])
+def test_protocol_defaults_callbacks_and_the_batch_name(protocol: str, requests) -> None:  # noqa: ANN001
+    """run_single / run_batch called directly: seed 0, adapter 'default', no checkpointing; on_edit gets
+    (index, result) for each edit in order, on_adapter the PEFT model once, holding the last edit."""
+    from odedit_hf.evaluation.protocols import run_batch, run_single
+
+    edits, adapters = [], []
+
+    def on_adapter(model) -> None:  # noqa: ANN001
+        base = model.get_base_model()
+        adapters.append((model.active_adapter, bool(getattr(base, "is_activation_checkpointing", False))))
+
+    callbacks = {"on_edit": lambda i, r: edits.append((i, r)), "on_adapter": on_adapter}
+    if protocol == "single":
+        run = run_single(_ftl(2), _backbone(), requests, **callbacks)
+    else:
+        run = run_batch(_ftl(2), _backbone(), requests, batch_size=2, **callbacks)
+    assert (run.seed, run.protocol, run.batch_size) == (0, protocol, 1 if protocol == "single" else 2)
+    assert [r.protocol for r in run.results] == [protocol] * 3
+    assert [i for i, _ in edits] == [0, 1, 2]
+    assert all(r is s for (_, r), s in zip(edits, run.results))
+    assert adapters == [("default", False)]
+
+
+@pytest.mark.parametrize("protocol", ["single", "batch"])
+def test_protocols_pass_gradient_checkpointing_on(protocol: str, requests) -> None:  # noqa: ANN001
+    from odedit_hf.evaluation.protocols import run_batch, run_single
+
+    seen = []
+    kwargs = {
+        "gradient_checkpointing": True,
+        "on_adapter": lambda m: seen.append(bool(m.get_base_model().is_activation_checkpointing)),
+    }
+    if protocol == "single":
+        run_single(_ftl(2), _backbone(), requests, **kwargs)
+    else:
+        run_batch(_ftl(2), _backbone(), requests, batch_size=3, **kwargs)
+    assert seen == [True]
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, True, 1.5, "2"])
+def test_batch_size_must_be_a_positive_int(batch_size, requests) -> None:  # noqa: ANN001
+    from odedit_hf.evaluation.protocols import run_batch
+
+    with pytest.raises(ValueError) as info:
+        run_batch(_ftl(1), _backbone(), requests, batch_size=batch_size)
+    assert str(info.value) == f"batch_size must be a positive int, got {batch_size!r}"
