@@ -477,3 +477,55 @@ def test_batch_size_must_be_a_positive_int(batch_size, requests) -> None:  # noq
     with pytest.raises(ValueError) as info:
         run_batch(_ftl(1), _backbone(), requests, batch_size=batch_size)
     assert str(info.value) == f"batch_size must be a positive int, got {batch_size!r}"
+
+
+@pytest.mark.parametrize(("protocol", "batch_size"), [("single", None), ("sequential", None), ("batch", 2)])
+def test_protocol_run_record_and_a_named_adapter(protocol: str, batch_size, requests) -> None:  # noqa: ANN001
+    """Every field of the ProtocolRun is the run's own; the adapter carries the name given; on_edit sees the
+    edits in order (sequential included) and on_adapter the last one once."""
+    backbone = _backbone()
+    digest = BaseWeights(backbone.model).digest()
+    edits, adapters = [], []
+    run = run_protocol(
+        protocol,
+        _ftl(2),
+        backbone,
+        requests,
+        seed=5,
+        batch_size=batch_size,
+        adapter_name="edit",
+        on_edit=lambda i, r: edits.append((i, r)),
+        on_adapter=lambda m: adapters.append(m.active_adapter),
+    )
+    assert (run.method, run.protocol, run.seed, run.batch_size) == ("ftl", protocol, 5, batch_size or 1)
+    assert run.base_weights_hash == digest
+    assert run.stopped_early == [False, False, False]  # stop_loss=None: never stops early
+    assert sum(r.wall_time_s for r in run.results) <= run.wall_time_s < 600
+    assert [r.protocol for r in run.results] == [protocol] * 3
+    assert [i for i, _ in edits] == [0, 1, 2] and all(r is s for (_, r), s in zip(edits, run.results))
+    assert adapters == ["edit"]
+    assert all((r.final is not None) == (protocol == "sequential") for r in run.results)
+
+
+def test_protocols_refuse_a_model_already_wrapped_and_name_the_final_check(requests) -> None:  # noqa: ANN001
+    from peft import get_peft_model
+
+    backbone = _backbone()
+    backbone.model = get_peft_model(backbone.model, _ftl().peft_config(backbone))
+    with pytest.raises(ValueError) as info:
+        run_protocol("single", _ftl(1), backbone, requests[:1])
+    assert str(info.value) == (
+        "the backbone's model already carries PEFT adapters; protocols wrap the plain model themselves "
+        "(pass a Backbone around the unwrapped transformers model)"
+    )
+    backbone = _backbone()
+
+    def merge_on_unload(peft_model) -> None:  # noqa: ANN001
+        peft_model.unload = peft_model.merge_and_unload
+
+    with pytest.raises(RollbackError) as info:
+        run_protocol("sequential", _ftl(steps=2), backbone, requests[:2], on_adapter=merge_on_unload)
+    # the sequential check before unloading passes; the merge shows at the end
+    assert str(info.value).startswith(
+        "base weights changed after unloading the adapter at the end of the run"
+    )
