@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import odedit_hf  # noqa: F401  (registers the PEFT types)
-from odedit_hf.editing import BaseWeights, RollbackError
+from odedit_hf.editing import BaseWeights, RollbackError, model_inputs
 from odedit_hf.editing.rollback import BaseWeights as _BaseWeightsClass
 from odedit_hf.editors.ftl import FTLMethod
 from odedit_hf.evaluation import run_protocol
@@ -529,3 +529,41 @@ def test_protocols_refuse_a_model_already_wrapped_and_name_the_final_check(reque
     assert str(info.value).startswith(
         "base weights changed after unloading the adapter at the end of the run"
     )
+
+
+@pytest.mark.parametrize("images", [(False, False), (True, False, True), (True, True)])
+def test_group_accuracy_scores_every_sample_of_an_image_free_or_mixed_group(images, monkeypatch) -> None:  # noqa: ANN001
+    """A probe group with no image sample (a text-only unit or portability) is scored too: every slot of the
+    result is written (torch.empty is made NaN-filled here, so a slot left unwritten shows)."""
+    from odedit_hf.backbones import PromptSample
+    from odedit_hf.evaluation import protocols
+    from odedit_hf.evaluation.metrics import token_accuracy
+    from odedit_hf.testing import tiny_image
+
+    class _NaNEmpty:
+        def __getattr__(self, name: str):  # noqa: ANN204
+            return getattr(torch, name)
+
+        def empty(self, *size, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            return torch.full(size, float("nan"), **kwargs)
+
+    backbone = _backbone()
+    group = [
+        PromptSample(TEXTS[i], TEXTS[4 + i], tiny_image(30 + i) if with_image else None)
+        for i, with_image in enumerate(images)
+    ]
+    monkeypatch.setattr(protocols, "torch", _NaNEmpty())
+    accuracy, exact = protocols._group_accuracy(backbone.model, backbone, group, torch.device("cpu"))
+    monkeypatch.undo()
+    expected_acc, expected_em = torch.empty(len(group)), torch.empty(len(group))
+    for with_image in (True, False):
+        idx = [i for i, flag in enumerate(images) if flag == with_image]
+        if idx:
+            batch = backbone.build_batch([group[i] for i in idx])
+            with torch.no_grad():
+                acc, em = token_accuracy(
+                    backbone.model(**model_inputs(batch)).logits.float(), batch["labels"]
+                )
+            expected_acc[idx], expected_em[idx] = acc, em
+    assert not accuracy.isnan().any() and not exact.isnan().any()
+    assert torch.equal(accuracy, expected_acc) and torch.equal(exact, expected_em)
