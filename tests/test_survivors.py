@@ -567,3 +567,19 @@ def test_group_accuracy_scores_every_sample_of_an_image_free_or_mixed_group(imag
             expected_acc[idx], expected_em[idx] = acc, em
     assert not accuracy.isnan().any() and not exact.isnan().any()
     assert torch.equal(accuracy, expected_acc) and torch.equal(exact, expected_em)
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [None, True])
+def test_run_sequential_defaults_and_checkpointing(gradient_checkpointing, requests) -> None:  # noqa: ANN001
+    """run_sequential called directly: seed 0, adapter 'default', checkpointing off unless asked for."""
+    from odedit_hf.evaluation.protocols import run_sequential
+
+    seen = []
+
+    def on_adapter(model) -> None:  # noqa: ANN001
+        seen.append((model.active_adapter, bool(model.get_base_model().is_activation_checkpointing)))
+
+    kwargs = {} if gradient_checkpointing is None else {"gradient_checkpointing": True}
+    run = run_sequential(_ftl(2), _backbone(), requests[:2], on_adapter=on_adapter, **kwargs)
+    assert (run.seed, run.protocol, run.batch_size) == (0, "sequential", 1)
+    assert seen == [("default", gradient_checkpointing is True)]
