@@ -960,3 +960,307 @@ def test_a_subject_column_only_when_a_record_has_one(world):
     assert "subject" in with_subject.hf_dataset.column_names
     assert with_subject[0].subject == "thing 0" and with_subject[1].subject is None
     assert "subject" not in _load(world, [_record(0)]).hf_dataset.column_names
+
+
+# ---------------------------------------------------------------------------------------------
+# mutation survivors of data/loader.py, full run (issue 20, session 12): the text-only branch of
+# load_mmedit, the file-level messages, the argument checks, the default root, the fixed schema
+
+
+def _mend(i: int) -> dict:
+    """A text-only MMEdit record (EasyEdit's ZsRE file in MEND's layout), with its two ignored keys."""
+    return {
+        "src": f"What is the capital of X{i}?",
+        "pred": f"A{i}",
+        "alt": f"B{i}",
+        "answers": [f"A{i}"],
+        "rephrase": f"Which city is the capital of X{i}?",
+        "loc": f"nq question: who sang y{i}",
+        "loc_ans": f"Z{i}",
+        "cond": f"A{i} >> B{i} || X{i}",
+    }
+
+
+def _hint_missing(text_only: bool) -> str:
+    from odedit_hf.data.loader import _OPTIONAL_KEYS
+    from odedit_hf.data.schema import MULTIMODAL_FIELDS
+
+    hint = f"MMEdit records have the fields {list(MMEDIT_FIELDS)} and optionally {list(_OPTIONAL_KEYS)}"
+    return hint if text_only else hint + f"; a text-only record leaves out all of {list(MULTIMODAL_FIELDS)}"
+
+
+def test_text_only_records_load_through_load_mmedit(world):
+    for strict in (False, True):  # answers / cond are known keys of a text-only record
+        ds = _load(world, [_mend(0), _mend(1)], task="auto", strict_fields=strict)
+        assert ds.task == "caption" and len(ds) == 2
+        r = ds[1]
+        assert r.text_only and (r.src, r.pred, r.alt) == ("What is the capital of X1?", "A1", "B1")
+        assert (r.rephrase, r.loc, r.loc_ans) == (
+            "Which city is the capital of X1?",
+            "nq question: who sang y1",
+            "Z1",
+        )
+        assert r.image is r.image_rephrase is r.m_loc is r.m_loc_q is r.m_loc_a is None
+        assert ds.hf_dataset[0]["image"] is None and ds.hf_dataset[0]["m_loc_a"] is None
+    # an explicit task is kept
+    assert _load(world, [_mend(0)], task="vqa").task == "vqa"
+    # a mixed file is not all text-only: the rule on 'src' decides (both end with '?': VQA)
+    assert _load(world, [_mend(0), _record(1)], task="auto").task == "vqa"
+
+
+def test_missing_fields_hint_says_whether_text_only_records_exist(world):
+    exc = _error(world, [{k: v for k, v in _record(0).items() if k != "m_loc_a"}])
+    assert (exc.reason, exc.field, exc.index, exc.hint) == (
+        "missing fields ['m_loc_a']",
+        "m_loc_a",
+        0,
+        _hint_missing(text_only=False),
+    )
+    exc = _error(world, [{k: v for k, v in _mend(0).items() if k != "loc_ans"}])
+    assert (exc.reason, exc.field, exc.hint) == ("missing fields ['loc_ans']", "loc_ans", _hint_missing(True))
+
+
+def test_strict_fields_rejects_unknown_keys_and_the_default_warns(world, caplog):
+    from odedit_hf.data.loader import _OPTIONAL_KEYS
+
+    known = f"MMEdit records have the fields {list(MMEDIT_FIELDS)} and optionally {list(_OPTIONAL_KEYS)}"
+    tail = "; rename or drop the others, or load without strict_fields (--strict-fields) to ignore them with a warning"
+    # the ZsRE keys are ignored only in a text-only record; other keys are unknown in both kinds
+    cases = [
+        ({**_record(0), "answers": ["x"]}, "answers"),
+        ({**_record(0), "case_id": 7}, "case_id"),
+        ({**_mend(0), "textual_rephrase": "t"}, "textual_rephrase"),
+    ]
+    for record, key in cases:
+        exc = _error(world, [_record(1), record], strict_fields=True)
+        assert (exc.reason, exc.field, exc.index, exc.hint) == (
+            f"unknown fields [{key!r}]",
+            key,
+            1,
+            known + tail,
+        )
+        assert exc.path == os.path.realpath(world["tmp"] / "edits.json")
+    # the probe keys and 'subject' are known
+    probe = {
+        **_probe_record(0),
+        "subject": "thing 0",
+        "port_new": [{"Q&A": {"Question": "q", "Answer": "a"}}],
+    }
+    assert len(_load(world, [probe], strict_fields=True)) == 1
+    # by default (not strict) the same records load, with one warning naming the file
+    source = os.path.realpath(world["tmp"] / "edits.json")
+    with caplog.at_level(logging.WARNING, logger="odedit_hf"):
+        ds = _load(world, [record for record, _ in cases])
+    assert len(ds) == 3
+    assert caplog.messages == [
+        f"{source}: ignoring 3 field(s) odedit-hf does not read: 'answers' (1 record), 'case_id' (1 record), "
+        "'textual_rephrase' (1 record) (strict_fields=True / --strict-fields makes them an error)"
+    ]
+
+
+def test_validate_record_defaults_to_strict_and_needs_a_root_for_images(world):
+    from odedit_hf.data.loader import _validate_record
+
+    root = os.path.realpath(world["root"])
+    kwargs = {"index": 4, "source": "f.json", "image_root": root, "rephrase_image_root": root}
+    with pytest.raises(DataValidationError) as info:
+        _validate_record({**_mend(0), "zeta": 1}, **kwargs)
+    assert (info.value.reason, info.value.field, info.value.index, info.value.path, info.value.hint) == (
+        "unknown fields ['zeta']",
+        "zeta",
+        4,
+        "f.json",
+        f"MMEdit records have the fields {list(MMEDIT_FIELDS)}; rename or drop the others, or load without "
+        "strict_fields (--strict-fields) to ignore them with a warning",
+    )
+    with pytest.raises(DataValidationError) as info:
+        _validate_record(_record(0), **{**kwargs, "image_root": None})
+    assert str(info.value) == (
+        "f.json, record 4: the record has images but no image root was given "
+        "(pass image_root (--image-root), the folder the image paths are relative to)"
+    )
+    row = _validate_record(_mend(0), **{**kwargs, "image_root": None, "rephrase_image_root": None})
+    assert row["image"] is None and row["case_id"] == 4 and row["loc_ans"] == "Z0"
+
+
+def test_record_field_errors_are_pinned_whole(world):
+    exc = _error(world, [_record(0), [1, 2]])
+    assert (exc.reason, exc.index, exc.hint) == (
+        "record is a JSON list, not an object",
+        1,
+        f"each record must be an object with the fields {list(MMEDIT_FIELDS)}",
+    )
+    exc = _error(world, [{**_record(0), "alt": 3}])
+    assert (exc.reason, exc.field, exc.hint) == (
+        "expected a string, got a JSON int (3)",
+        "alt",
+        "every MMEdit field is a string",
+    )
+    exc = _error(world, [{**_record(0), "loc": "  "}])
+    assert (exc.reason, exc.field, exc.hint) == (
+        "empty value '  '",
+        "loc",
+        "fill the field or drop the record",
+    )
+    # 'subject' is checked like the eleven
+    exc = _error(world, [{**_record(0), "subject": 5}])
+    assert (exc.reason, exc.field) == ("expected a string, got a JSON int (5)", "subject")
+    exc = _error(world, [{**_record(0), "subject": ""}])
+    assert (exc.reason, exc.field) == ("empty value ''", "subject")
+
+
+def test_image_errors_name_the_root_each_path_is_relative_to(world):
+    exc = _error(world, [{**_record(0), "image_rephrase": "/abs/r.png"}])
+    assert exc.field == "image_rephrase" and exc.reason.endswith("relative to rephrase_image_root"), exc
+    exc = _error(world, [{**_record(0), "image": "/abs/i.png"}])
+    assert exc.field == "image" and exc.reason.endswith("relative to image_root"), exc
+    item = {"prompt": "p", "ground_truth": "t", "image": "/abs/p.png"}
+    exc = _error(world, [{**_record(0), "portability": [item]}])
+    assert exc.field == "portability[0]" and exc.reason.endswith("relative to image_root"), exc
+    # the Q&A error names the record too
+    exc = _error(world, [_record(0), {**_record(1), "port_new": [{"Q&A": "x"}]}])
+    assert (exc.index, exc.path) == (1, os.path.realpath(world["tmp"] / "edits.json"))
+
+
+def test_bad_root_error_names_the_root_and_the_fix(world):
+    p = world["write"]([_record(0)])
+    missing = world["tmp"] / "no_such_dir"
+    for args, name in (((missing,), "image_root"), ((world["root"], missing), "rephrase_image_root")):
+        with pytest.raises(DataValidationError) as info:
+            load_mmedit(p, *args)
+        exc = info.value
+        assert (exc.reason, exc.path, exc.hint) == (
+            f"{name} is not a directory: {os.path.realpath(missing)}",
+            str(missing),
+            f"pass as {name} the folder the record's image paths are relative to",
+        )
+
+
+def test_file_level_errors_are_pinned_whole(world):
+    from odedit_hf.data import load_edits
+
+    p = world["tmp"] / "bad.json"
+    p.write_text("[{", encoding="utf-8")
+    with pytest.raises(DataValidationError) as info:
+        load_mmedit(p, world["root"])
+    assert (info.value.path, info.value.hint) == (
+        str(p),
+        "an MMEdit file is one JSON list of records (not JSON Lines)",
+    )
+    p.write_text('{"src": "a"}', encoding="utf-8")
+    with pytest.raises(DataValidationError) as info:
+        load_mmedit(p, world["root"])
+    assert (info.value.reason, info.value.hint) == (
+        "top level is a JSON dict, expected a list of records",
+        "an MMEdit file is one JSON list of record objects",
+    )
+    p.write_bytes('[{"src": "caf\xe9"}]'.encode("latin-1"))
+    with pytest.raises(DataValidationError) as info:
+        load_mmedit(p, world["root"])
+    exc = info.value
+    assert exc.reason.startswith("not UTF-8 text: 'utf-8' codec can't decode byte 0xe9"), exc
+    assert (exc.path, exc.hint) == (str(p), "re-save the file as UTF-8 JSON")
+    with pytest.raises(FileNotFoundError) as info:
+        load_edits(world["tmp"] / "nope.json")
+    assert str(info.value) == f"MMEdit file not found: {world['tmp'] / 'nope.json'}"
+
+
+def test_a_utf8_file_loads_whatever_the_locale(world):
+    """The file is read as UTF-8, not in the locale's encoding (ASCII here, cp1252 on many Windows hosts)."""
+    import odedit_hf
+
+    record = {**_record(0), "alt": "bleu clair \u00e9t\u00e9", "loc_ans": "\u00c9mile Zola"}
+    p = world["tmp"] / "edits.json"
+    p.write_text(json.dumps([record], ensure_ascii=False), encoding="utf-8")  # raw UTF-8, not \u escapes
+    assert b"\xc3\xa9" in p.read_bytes()
+    # here, in this process's locale (UTF-8, most likely)
+    assert load_mmedit(p, world["root"], world["reph"])[0].alt == record["alt"]
+    code = (
+        "import sys; from odedit_hf.data import load_mmedit; "
+        "r = load_mmedit(sys.argv[1], sys.argv[2], sys.argv[3])[0]; print(ascii([r.alt, r.loc_ans]))"
+    )
+    package_parent = os.path.dirname(os.path.dirname(odedit_hf.__file__))
+    env = {
+        **os.environ,
+        "LC_ALL": "C",
+        "LANG": "C",
+        "PYTHONCOERCECLOCALE": "0",
+        "PYTHONUTF8": "0",
+        "PYTHONPATH": os.pathsep.join([package_parent, os.environ.get("PYTHONPATH", "")]),
+    }
+    probe = subprocess.run(
+        [sys.executable, "-c", "import locale; print(locale.getpreferredencoding(False))"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert probe.stdout.strip().lower() not in ("utf-8", "utf8"), probe.stdout  # the check means something
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(p), str(world["root"]), str(world["reph"])],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == ascii(["bleu clair \u00e9t\u00e9", "\u00c9mile Zola"])
+
+
+def test_bool_and_limit_argument_messages(world):
+    p = world["write"]([_record(0), _record(1)])
+    for name in ("skip_invalid", "strict_fields"):
+        with pytest.raises(ValueError) as info:
+            load_mmedit(p, world["root"], **{name: 1})
+        assert str(info.value) == f"load_mmedit: {name} must be a bool, got 1"
+    with pytest.raises(ValueError) as info:
+        load_mmedit(p, world["root"], task="qa")
+    assert str(info.value) == "load_mmedit: task must be 'auto', 'vqa' or 'caption', got 'qa'"
+    assert [r.case_id for r in load_mmedit(p, world["root"], world["reph"], limit=1)] == [0]
+
+
+def test_default_root_is_used_when_none_is_given(tmp_path):
+    """load_mmedit without image_root: the file's folder, or its images/ subfolder (both sorts of file)."""
+    rec = {**_record(0), "image_rephrase": "img/0.png"}
+    for folder in (tmp_path / "flat", tmp_path / "nested"):
+        root = folder if folder.name == "flat" else folder / "images"
+        _png(root / "img" / "0.png", (1, 2, 3))
+        _png(root / "img" / "loc0.png", (3, 2, 1))
+        p = folder / "edits.json"
+        p.write_text(json.dumps([rec]), encoding="utf-8")
+        ds = load_mmedit(p)
+        assert ds.image_root == ds.rephrase_image_root == os.path.realpath(root)
+        assert ds[0].image == os.path.realpath(root / "img" / "0.png")
+
+
+def test_skip_warning_from_load_mmedit_names_the_file(world, caplog):
+    source = os.path.realpath(world["tmp"] / "edits.json")
+    with caplog.at_level(logging.WARNING, logger="odedit_hf"):
+        ds = _load(world, [_record(0), {**_record(1), "alt": ""}], skip_invalid=True)
+    assert caplog.messages == [
+        f"{source}: skipped 1 invalid record(s), kept 1; first: {ds.skip_reasons[0]} (all in dataset.skip_reasons)"
+    ]
+
+
+def test_select_error_lists_the_first_ten_bad_indices(world):
+    ds = _load(world, [_record(0)])
+    with pytest.raises(IndexError) as info:
+        ds.select(range(12))
+    assert str(info.value) == (
+        "MMEditDataset.select: indices [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] out of range for 1 records"
+    )
+
+
+def test_hf_dataset_keeps_its_schema_and_empty_probe_lists(world):
+    import datasets
+
+    string = datasets.Value("string")
+    empty = _load(world, [])
+    assert empty.hf_dataset.features == datasets.Features(
+        {"case_id": datasets.Value("int64"), "task": string, **{n: string for n in MMEDIT_FIELDS}}
+    )
+    ds = _load(world, [_probe_record(0), _record(1)])
+    row = ds.hf_dataset[1]  # the record without probes: empty lists, None strings
+    assert (row["portability"], row["rephrases"], row["image_rephrases"]) == ([], [], [])
+    assert row["hard_loc"] is None and row["hard_m_loc"] is None
+    portability = [{"kind": string, "prompt": string, "target": string, "image": string}]
+    assert ds.hf_dataset.features["portability"] == datasets.Features({"p": portability})["p"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import odedit_hf  # noqa: F401  (registers the PEFT types)
-from odedit_hf.editing import BaseWeights, RollbackError
+from odedit_hf.editing import BaseWeights, RollbackError, model_inputs
 from odedit_hf.editing.rollback import BaseWeights as _BaseWeightsClass
 from odedit_hf.editors.ftl import FTLMethod
 from odedit_hf.evaluation import run_protocol
@@ -416,3 +416,170 @@ def test_image_path_in_a_sibling_folder_with_the_root_as_prefix_is_rejected(tmp_
     with pytest.raises(DataValidationError, match="outside image_root") as info:
         load_mmedit(path, root)
     assert info.value.field == "image" and info.value.index == 0
+
+
+# ------------------------------------------------------------------ protocols' mutation survivors (session 12)
+def test_edit_seed_is_the_documented_function_of_the_run_seed_and_the_case() -> None:
+    """The per-edit seed is pinned: changing it silently changes every published row of the single and batch
+    protocols. Values by hand from ``(seed * 1_000_003 + case_id) % (2**63 - 1)``."""
+    from odedit_hf.evaluation.protocols import edit_seed
+
+    assert edit_seed(0, 0) == 0 and edit_seed(0, 41) == 41
+    assert edit_seed(7, 11) == 7_000_032
+    assert edit_seed(2**62, 5) == 4_611_686_018_427_887_910  # wraps below torch.manual_seed's bound
+    assert isinstance(edit_seed(3, 2), int)
+
+
+@pytest.mark.parametrize("protocol", ["single", "batch"])
+def test_protocol_defaults_callbacks_and_the_batch_name(protocol: str, requests) -> None:  # noqa: ANN001
+    """run_single / run_batch called directly: seed 0, adapter 'default', no checkpointing; on_edit gets
+    (index, result) for each edit in order, on_adapter the PEFT model once, holding the last edit."""
+    from odedit_hf.evaluation.protocols import run_batch, run_single
+
+    edits, adapters = [], []
+
+    def on_adapter(model) -> None:  # noqa: ANN001
+        base = model.get_base_model()
+        adapters.append((model.active_adapter, bool(getattr(base, "is_activation_checkpointing", False))))
+
+    callbacks = {"on_edit": lambda i, r: edits.append((i, r)), "on_adapter": on_adapter}
+    if protocol == "single":
+        run = run_single(_ftl(2), _backbone(), requests, **callbacks)
+    else:
+        run = run_batch(_ftl(2), _backbone(), requests, batch_size=2, **callbacks)
+    assert (run.seed, run.protocol, run.batch_size) == (0, protocol, 1 if protocol == "single" else 2)
+    assert [r.protocol for r in run.results] == [protocol] * 3
+    assert [i for i, _ in edits] == [0, 1, 2]
+    assert all(r is s for (_, r), s in zip(edits, run.results))
+    assert adapters == [("default", False)]
+
+
+@pytest.mark.parametrize("protocol", ["single", "batch"])
+def test_protocols_pass_gradient_checkpointing_on(protocol: str, requests) -> None:  # noqa: ANN001
+    from odedit_hf.evaluation.protocols import run_batch, run_single
+
+    seen = []
+    kwargs = {
+        "gradient_checkpointing": True,
+        "on_adapter": lambda m: seen.append(bool(m.get_base_model().is_activation_checkpointing)),
+    }
+    if protocol == "single":
+        run_single(_ftl(2), _backbone(), requests, **kwargs)
+    else:
+        run_batch(_ftl(2), _backbone(), requests, batch_size=3, **kwargs)
+    assert seen == [True]
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, True, 1.5, "2"])
+def test_batch_size_must_be_a_positive_int(batch_size, requests) -> None:  # noqa: ANN001
+    from odedit_hf.evaluation.protocols import run_batch
+
+    with pytest.raises(ValueError) as info:
+        run_batch(_ftl(1), _backbone(), requests, batch_size=batch_size)
+    assert str(info.value) == f"batch_size must be a positive int, got {batch_size!r}"
+
+
+@pytest.mark.parametrize(("protocol", "batch_size"), [("single", None), ("sequential", None), ("batch", 2)])
+def test_protocol_run_record_and_a_named_adapter(protocol: str, batch_size, requests) -> None:  # noqa: ANN001
+    """Every field of the ProtocolRun is the run's own; the adapter carries the name given; on_edit sees the
+    edits in order (sequential included) and on_adapter the last one once."""
+    backbone = _backbone()
+    digest = BaseWeights(backbone.model).digest()
+    edits, adapters = [], []
+    run = run_protocol(
+        protocol,
+        _ftl(2),
+        backbone,
+        requests,
+        seed=5,
+        batch_size=batch_size,
+        adapter_name="edit",
+        on_edit=lambda i, r: edits.append((i, r)),
+        on_adapter=lambda m: adapters.append(m.active_adapter),
+    )
+    assert (run.method, run.protocol, run.seed, run.batch_size) == ("ftl", protocol, 5, batch_size or 1)
+    assert run.base_weights_hash == digest
+    assert run.stopped_early == [False, False, False]  # stop_loss=None: never stops early
+    assert sum(r.wall_time_s for r in run.results) <= run.wall_time_s < 600
+    assert [r.protocol for r in run.results] == [protocol] * 3
+    assert [i for i, _ in edits] == [0, 1, 2] and all(r is s for (_, r), s in zip(edits, run.results))
+    assert adapters == ["edit"]
+    assert all((r.final is not None) == (protocol == "sequential") for r in run.results)
+
+
+def test_protocols_refuse_a_model_already_wrapped_and_name_the_final_check(requests) -> None:  # noqa: ANN001
+    from peft import get_peft_model
+
+    backbone = _backbone()
+    backbone.model = get_peft_model(backbone.model, _ftl().peft_config(backbone))
+    with pytest.raises(ValueError) as info:
+        run_protocol("single", _ftl(1), backbone, requests[:1])
+    assert str(info.value) == (
+        "the backbone's model already carries PEFT adapters; protocols wrap the plain model themselves "
+        "(pass a Backbone around the unwrapped transformers model)"
+    )
+    backbone = _backbone()
+
+    def merge_on_unload(peft_model) -> None:  # noqa: ANN001
+        peft_model.unload = peft_model.merge_and_unload
+
+    with pytest.raises(RollbackError) as info:
+        run_protocol("sequential", _ftl(steps=2), backbone, requests[:2], on_adapter=merge_on_unload)
+    # the sequential check before unloading passes; the merge shows at the end
+    assert str(info.value).startswith(
+        "base weights changed after unloading the adapter at the end of the run"
+    )
+
+
+@pytest.mark.parametrize("images", [(False, False), (True, False, True), (True, True)])
+def test_group_accuracy_scores_every_sample_of_an_image_free_or_mixed_group(images, monkeypatch) -> None:  # noqa: ANN001
+    """A probe group with no image sample (a text-only unit or portability) is scored too: every slot of the
+    result is written (torch.empty is made NaN-filled here, so a slot left unwritten shows)."""
+    from odedit_hf.backbones import PromptSample
+    from odedit_hf.evaluation import protocols
+    from odedit_hf.evaluation.metrics import token_accuracy
+    from odedit_hf.testing import tiny_image
+
+    class _NaNEmpty:
+        def __getattr__(self, name: str):  # noqa: ANN204
+            return getattr(torch, name)
+
+        def empty(self, *size, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            return torch.full(size, float("nan"), **kwargs)
+
+    backbone = _backbone()
+    group = [
+        PromptSample(TEXTS[i], TEXTS[4 + i], tiny_image(30 + i) if with_image else None)
+        for i, with_image in enumerate(images)
+    ]
+    monkeypatch.setattr(protocols, "torch", _NaNEmpty())
+    accuracy, exact = protocols._group_accuracy(backbone.model, backbone, group, torch.device("cpu"))
+    monkeypatch.undo()
+    expected_acc, expected_em = torch.empty(len(group)), torch.empty(len(group))
+    for with_image in (True, False):
+        idx = [i for i, flag in enumerate(images) if flag == with_image]
+        if idx:
+            batch = backbone.build_batch([group[i] for i in idx])
+            with torch.no_grad():
+                acc, em = token_accuracy(
+                    backbone.model(**model_inputs(batch)).logits.float(), batch["labels"]
+                )
+            expected_acc[idx], expected_em[idx] = acc, em
+    assert not accuracy.isnan().any() and not exact.isnan().any()
+    assert torch.equal(accuracy, expected_acc) and torch.equal(exact, expected_em)
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [None, True])
+def test_run_sequential_defaults_and_checkpointing(gradient_checkpointing, requests) -> None:  # noqa: ANN001
+    """run_sequential called directly: seed 0, adapter 'default', checkpointing off unless asked for."""
+    from odedit_hf.evaluation.protocols import run_sequential
+
+    seen = []
+
+    def on_adapter(model) -> None:  # noqa: ANN001
+        seen.append((model.active_adapter, bool(model.get_base_model().is_activation_checkpointing)))
+
+    kwargs = {} if gradient_checkpointing is None else {"gradient_checkpointing": True}
+    run = run_sequential(_ftl(2), _backbone(), requests[:2], on_adapter=on_adapter, **kwargs)
+    assert (run.seed, run.protocol, run.batch_size) == (0, "sequential", 1)
+    assert seen == [("default", gradient_checkpointing is True)]
