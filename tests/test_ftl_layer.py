@@ -184,3 +184,35 @@ def test_the_constraint_clamps_each_entry_only_when_a_bound_is_set():
 
 def test_repr_names_the_editor():
     assert repr(_layer()).startswith("ftl.Linear(")
+
+
+def test_an_fp32_delta_on_a_bf16_base_is_given_in_bf16():
+    layer = _layer(torch.bfloat16)
+    layer.ftl_delta["default"].data = torch.full((3, 4), 0.3)  # fp32, as peft's autocast leaves it
+    assert layer.get_delta_weight("default").dtype == torch.bfloat16
+
+
+def test_an_inference_mode_config_gives_a_frozen_delta():
+    assert not _layer(inference_mode=True).ftl_delta["default"].requires_grad
+
+
+def test_a_second_merge_after_an_unmerge_still_unmerges_exactly():
+    layer = _layer()
+    original = layer.base_layer.weight.detach().clone()
+    _set_delta(layer, torch.full((3, 4), 0.1))
+    layer.merge()
+    layer.unmerge()
+    _set_delta(layer, torch.full((3, 4), 0.7))
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer.weight, original + 0.7)
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, original)
+
+
+def test_forward_skips_an_active_adapter_this_layer_does_not_hold():
+    layer = _layer()
+    x = torch.randn(2, 4)
+    delta = torch.full((3, 4), 0.2)
+    _set_delta(layer, delta)
+    layer._active_adapter = ["elsewhere", "default"]  # an adapter of other layers first, then this one's
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ delta.T)
