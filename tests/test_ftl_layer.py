@@ -216,3 +216,12 @@ def test_forward_skips_an_active_adapter_this_layer_does_not_hold():
     _set_delta(layer, delta)
     layer._active_adapter = ["elsewhere", "default"]  # an adapter of other layers first, then this one's
     torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ delta.T)
+
+
+def test_merge_by_name_skips_an_unknown_name_before_a_known_one():
+    layer = _layer()
+    original = layer.base_layer.weight.detach().clone()
+    _set_delta(layer, torch.full((3, 4), 0.1))
+    layer.merge(adapter_names=["missing", "default"])
+    assert layer.merged_adapters == ["default"]
+    torch.testing.assert_close(layer.base_layer.weight, original + 0.1)
