@@ -583,3 +583,21 @@ def test_run_sequential_defaults_and_checkpointing(gradient_checkpointing, reque
     run = run_sequential(_ftl(2), _backbone(), requests[:2], on_adapter=on_adapter, **kwargs)
     assert (run.seed, run.protocol, run.batch_size) == (0, "sequential", 1)
     assert seen == [("default", gradient_checkpointing is True)]
+
+
+def test_a_locality_reference_of_another_length_is_refused_with_both_shapes(requests):  # noqa: ANN001
+    from odedit_hf.editing import eval_samples
+    from odedit_hf.evaluation.protocols import _agreements
+
+    backbone = _backbone()
+    sample = eval_samples(requests[0])["t_locality"]
+    length = backbone.build_batch([sample])["input_ids"].shape[1]
+    wrong = torch.zeros(1, length + 3, 10, dtype=torch.long)  # a reference built with another tokenisation
+    with pytest.raises(ValueError) as info:
+        _agreements(
+            backbone.model, backbone, sample, wrong, 10, "t_locality", requests[0], torch.device("cpu")
+        )
+    assert str(info.value) == (
+        f"case 0: the t_locality batch changed length between the pre-edit reference (1, {length + 3}) "
+        f"and now (1, {length}); build the reference with the same backbone"
+    )
