@@ -5,9 +5,9 @@ metrics, the steps per edit, the edits that used their whole budget and the λ t
 (λ at its first primal–dual step and at its last forward; median |log(λ_end / λ_start)|), read from
 ``ODEditMethod.last_edit_trace``::
 
-    OMP_NUM_THREADS=1 python benchmarks/odedit_schedule_grid.py --protocol single --n 100 --editors ft lora \
+    OMP_NUM_THREADS=1 python -m benchmarks.odedit_schedule_grid --protocol single --n 100 --editors ft lora \
         --lambda-inits 0.001 0.1 --json benchmarks/out/grid/single.json
-    python benchmarks/odedit_schedule_grid.py --protocol sequential --n 50 --editors ft \
+    python -m benchmarks.odedit_schedule_grid --protocol sequential --n 50 --editors ft \
         --cells ft fs-fixed-0.1 wu-adaptive-0.1      # only the named cells
 
 Cells: ``<editor>`` (the plain editor), ``fs-off`` / ``wu-off`` (IRM-TV off, each schedule), ``wu-nll``
@@ -15,7 +15,8 @@ Cells: ``<editor>`` (the plain editor), ``fs-off`` / ``wu-off`` (IRM-TV off, eac
 ``fs-adaptive-<λ>`` (the original: penalty from step 0, Softplus λ, no slack), ``fs-fixed-<λ>``
 (``lambda_mode="fixed"``), ``wu-adaptive-<λ>`` (``schedule="warmup"``, log-λ, slack = ``stop_penalty``),
 ``wu-fixed-<λ>``. ``--extra '{"lambda_lr": 1.0}'`` is added to every ODEdit cell's options.
-Prints a markdown table headed by the machine, versions and commit, and writes JSON rows.
+Prints a markdown table headed by the machine, versions and commit, and writes JSON rows. Run it from the
+repository root with ``python -m`` (it imports ``benchmarks.odedit``).
 """
 
 from __future__ import annotations

@@ -28,6 +28,12 @@ import platform
 import time
 
 
+def spread(requests: list, n: int) -> list:
+    """``n`` of ``requests`` evenly spaced over the list (index ``round(i * len / n)``), in file order."""
+    picked = sorted({round(i * len(requests) / n) for i in range(n)})
+    return [requests[i] for i in picked if i < len(requests)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     all_requests = list(load_text_edits(data))
     if args.spread:
-        picked = sorted({round(i * len(all_requests) / args.n) for i in range(args.n)})
-        requests = [all_requests[i] for i in picked if i < len(all_requests)]
+        requests = spread(all_requests, args.n)
     else:
         requests = all_requests[:: args.every][: args.n]
     pick = "spread" if args.spread else f"every{args.every}"

@@ -2,7 +2,7 @@
 edit, the side memory's routing distance on every edited request's prompt / rephrase / locality prompt,
 the threshold tau and the path each prompt takes.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/wise_routing_probe.py --n-edits 6 [--options '{...}']
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.wise_routing_probe --n-edits 6 [--options '{...}']
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ def main() -> int:
     torch.set_num_threads(1)
     from peft import get_peft_model
 
+    from benchmarks.text_edit import spread
     from odedit_hf.data import load_text_edits
     from odedit_hf.data.facts import load_fact_prompts
     from odedit_hf.editing import get_method
     from odedit_hf.editing.samples import eval_samples
+    from odedit_hf.editing.saving import write_bytes_atomic
     from odedit_hf.editors.wise.method import wise_layers
     from odedit_hf.evaluation import token_accuracy
     from odedit_hf.models import get_model
@@ -45,8 +47,9 @@ def main() -> int:
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
     model_dir = get_model("smollm2")
     all_requests = list(load_text_edits(os.path.join(out_dir, "zsre_facts-smollm2-raw.json")))
-    picked = sorted({round(i * len(all_requests) / args.spread_n) for i in range(args.spread_n)})
-    requests = [all_requests[i] for i in picked][: args.n_edits]
+    requests = spread(all_requests, args.spread_n)[
+        : args.n_edits
+    ]  # the first of text_edit.py's --spread edits
     backbone = load_fact_prompts(model_dir, "raw").backbone
     method = get_method("wise", **json.loads(args.options))
     config = method.peft_config(backbone)
@@ -84,7 +87,6 @@ def main() -> int:
         c = layer.last_choice[adapter]
         return (round(float(d[0, 0]), 2) if d.numel() else None), int(c[0]), round(float(acc[0]), 2)
 
-    # the unedited answers at the locality prompts (the T-Loc reference)
     records = []
     for i, request in enumerate(requests):
         trace.clear()
@@ -119,9 +121,7 @@ def main() -> int:
         records.append(rec)
         print(json.dumps(rec))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            for rec in records:
-                handle.write(json.dumps(rec) + "\n")
+        write_bytes_atomic(args.out, "".join(json.dumps(rec) + "\n" for rec in records).encode("utf-8"))
     return 0
 
 
