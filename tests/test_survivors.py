@@ -601,3 +601,172 @@ def test_a_locality_reference_of_another_length_is_refused_with_both_shapes(requ
         f"case 0: the t_locality batch changed length between the pre-edit reference (1, {length + 3}) "
         f"and now (1, {length}); build the reference with the same backbone"
     )
+
+
+# ------------------------------------------------------------------ evaluate_request's columns
+class _RuleModel(torch.nn.Module):
+    """A stand-in model whose next-token prediction is right exactly where a rule on the tokens says so:
+    at position t the prediction of token t+1 is right iff the sum of the attended ids up to t+1 is not a
+    multiple of 3. The rule reads only attended tokens, so a sample scores the same alone or in any batch
+    (padding excluded), and samples with different prompts get different accuracies."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # model_device() reads the first parameter
+
+    def forward(self, input_ids, attention_mask, **_):  # noqa: ANN001, ANN003, ANN201
+        from types import SimpleNamespace
+
+        ids = input_ids * attention_mask
+        right = (ids.cumsum(dim=1) % 3 != 0)[:, 1:]
+        nxt = input_ids[:, 1:]
+        guess = torch.where(right, nxt, (nxt + 1) % self.vocab)
+        logits = torch.full((*input_ids.shape, self.vocab), -5.0)
+        logits[:, :-1].scatter_(-1, guess.unsqueeze(-1), 5.0)
+        return SimpleNamespace(logits=logits)
+
+
+def _alone(model, backbone, sample) -> tuple[float, float]:  # noqa: ANN001
+    from odedit_hf.evaluation.metrics import token_accuracy
+    from odedit_hf.evaluation.protocols import _logits
+
+    batch = backbone.build_batch([sample])
+    accuracy, exact = token_accuracy(_logits(model, batch), batch["labels"])
+    return float(accuracy[0]), float(exact[0])
+
+
+def _rule_reference(model, backbone, samples):  # noqa: ANN001, ANN202
+    from odedit_hf.evaluation import LocalityReference
+    from odedit_hf.evaluation.metrics import topk_ids
+    from odedit_hf.evaluation.protocols import _logits
+
+    def ids(name: str, k: int) -> torch.Tensor:
+        return topk_ids(_logits(model, backbone.build_batch([samples[name]])), k)
+
+    return LocalityReference(t_ids=ids("t_locality", 1), m_ids=ids("m_locality", 10))
+
+
+def test_evaluate_request_scores_each_column_on_its_own_sample(requests) -> None:  # noqa: ANN001
+    """Reliability, T-Generality and M-Generality (accuracy and exact match) each equal the metric on that
+    sample alone, on a model where the three samples score differently and M-Generality's accuracy is not
+    its exact match.
+
+    Caught faults: reliability (or its EM) read from T-Generality's column; M-Generality read from its EM.
+    """
+    import dataclasses
+
+    from odedit_hf.editing import eval_samples
+    from odedit_hf.evaluation import evaluate_request
+
+    backbone = _backbone()
+    model = _RuleModel(backbone.model.config.get_text_config().vocab_size)
+    names = ("reliability", "t_generality", "m_generality")
+    separates = {"rel vs T-Gen": None, "M-Gen acc vs EM": None}
+    for alt in ("red blue", "paris cat blue"):
+        for src, rephrase in [(a, b) for a in TEXTS[:4] for b in TEXTS[:4] if a != b]:
+            request = dataclasses.replace(requests[0], src=src, rephrase=rephrase, alt=alt)
+            samples = eval_samples(request)
+            cols = {n: _alone(model, backbone, samples[n]) for n in names}
+            (rel, rel_em), (tgen, tgen_em), (mgen, mgen_em) = (cols[n] for n in names)
+            if rel != tgen and rel_em != tgen_em:
+                separates["rel vs T-Gen"] = separates["rel vs T-Gen"] or (request, samples, cols)
+            if mgen != mgen_em:
+                separates["M-Gen acc vs EM"] = separates["M-Gen acc vs EM"] or (request, samples, cols)
+    assert all(separates.values()), f"no prompt pair separates the columns under the rule: {separates}"
+    for request, samples, cols in separates.values():
+        scores = evaluate_request(model, backbone, request, _rule_reference(model, backbone, samples))
+        assert (scores.reliability, scores.reliability_em) == pytest.approx(cols["reliability"], abs=1e-6)
+        assert (scores.t_generality, scores.t_generality_em) == pytest.approx(cols["t_generality"], abs=1e-6)
+        assert (scores.m_generality, scores.m_generality_em) == pytest.approx(cols["m_generality"], abs=1e-6)
+        # the rule model agrees with itself, so both localities are exactly 1 in both modes
+        localities = (
+            scores.t_locality,
+            scores.t_locality_easyedit,
+            scores.m_locality,
+            scores.m_locality_easyedit,
+        )
+        assert localities == (1.0, 1.0, 1.0, 1.0)
+
+
+def test_evaluate_request_names_the_case_and_the_missing_or_mismatched_reference(requests) -> None:  # noqa: ANN001
+    """A reference without multimodal-locality ids, or with text-locality ids of another length, is refused
+    with a message that names the case, the sample and what to do."""
+    import dataclasses
+
+    from odedit_hf.editing import eval_samples
+    from odedit_hf.evaluation import evaluate_request
+
+    backbone = _backbone()
+    model = _RuleModel(backbone.model.config.get_text_config().vocab_size)
+    request = dataclasses.replace(requests[1], case_id=7)
+    reference = _rule_reference(model, backbone, eval_samples(request))
+    with pytest.raises(ValueError) as info:
+        evaluate_request(model, backbone, request, dataclasses.replace(reference, m_ids=None))
+    assert str(info.value) == (
+        "case 7: the pre-edit reference has no m_locality ids; build it with locality_reference on this very "
+        "request"
+    )
+    longer = torch.zeros(1, reference.t_ids.shape[1] + 2, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^case 7: the t_locality batch changed length between"):
+        evaluate_request(model, backbone, request, dataclasses.replace(reference, t_ids=longer))
+
+
+# ------------------------------------------------------------------ run_sequential's own measurements
+def test_sequential_per_edit_wall_time_is_that_edit_s_own_time(requests, monkeypatch) -> None:  # noqa: ANN001
+    """Each sequential row's wall time is the time its own edit took (one edit per row, no share), on a
+    clock that only the edits advance."""
+    from odedit_hf.evaluation import protocols
+
+    clock = [100.0]
+    monkeypatch.setattr(protocols.time, "perf_counter", lambda: clock[0])
+    method = _ftl(1)
+    edit = method.edit
+    durations = iter([5.0, 7.0])
+
+    def timed_edit(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        clock[0] += next(durations)
+        return edit(*args, **kwargs)
+
+    monkeypatch.setattr(method, "edit", timed_edit)
+    run = run_protocol("sequential", method, _backbone(), requests[:2])
+    assert [r.wall_time_s for r in run.results] == [5.0, 7.0]
+    assert run.wall_time_s == 12.0
+
+
+def test_a_base_weight_written_during_a_sequential_run_is_caught_before_unloading(requests) -> None:  # noqa: ANN001
+    """A base weight that moves during the sequential edits is reported by the check made before the
+    adapter is unloaded, with that check's context (how many edits), not only by the final one."""
+
+    def write_a_base_weight(peft_model) -> None:  # noqa: ANN001
+        base = next(p for n, p in peft_model.named_parameters() if "lora" not in n and not p.requires_grad)
+        with torch.no_grad():
+            base.add_(1.0)
+
+    with pytest.raises(RollbackError) as info:
+        run_protocol("sequential", _ftl(1), _backbone(), requests[:2], on_adapter=write_a_base_weight)
+    assert str(info.value).startswith(
+        "base weights changed after 2 sequential edits (the base weights must not move) (changed: "
+    )
+
+
+def test_a_base_weight_under_a_module_named_like_the_adapter_is_still_checked(requests) -> None:  # noqa: ANN001
+    """With an adapter named like a base module (``mlp``), the base tensors under that module stay out of the
+    adapter snapshot: a base write made during an edit is caught by the check after the roll-back, not
+    silently undone by the restore."""
+    backbone = _backbone()
+    names = [n for n, _ in backbone.model.named_parameters() if "mlp" in n.split(".")]
+    assert names  # the tiny model has base weights under an ``mlp`` module
+
+    def write_a_base_mlp_weight(index, result) -> None:  # noqa: ANN001
+        model = backbone.model
+        base = next(p for n, p in model.named_parameters() if "mlp" in n.split(".") and "base_layer" not in n)
+        with torch.no_grad():
+            base.add_(1.0)
+
+    with pytest.raises(
+        RollbackError, match=r"^base weights changed after rolling back the edit of case\(s\) \[0\]"
+    ):
+        run_protocol(
+            "single", _ftl(1), backbone, requests[:1], adapter_name="mlp", on_edit=write_a_base_mlp_weight
+        )
