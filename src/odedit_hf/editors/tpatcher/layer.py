@@ -187,6 +187,8 @@ class TPatcherLayer(BaseTunerLayer):
                 raise ValueError(
                     f"T-Patcher {self.role} layer: {part} has shape {tuple(value.shape)}, expected ({n_new},)"
                 )
+        for part in _ROLE_PARTS[self.role]:  # every shape checked first: a refused grow changes nothing
+            value = given[part]
             current = getattr(self, part)[adapter_name]
             value = value.detach().to(device=current.device, dtype=torch.float32)
             frozen = self.full(part, adapter_name).detach()
