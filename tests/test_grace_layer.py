@@ -162,6 +162,14 @@ def test_set_trainable_makes_only_those_values_trainable_and_set_adapter_keeps_i
     assert [v.requires_grad for v in layer.grace_values[A]] == [False, True, False]
     layer.set_adapter(A, inference_mode=True)
     assert not any(v.requires_grad for v in layer.grace_values[A])
+    # adding an adapter in inference mode freezes the active ones as well (peft's update_layer convention)
+    layer.set_adapter(A)
+    assert [v.requires_grad for v in layer.grace_values[A]] == [False, True, False]
+    layer.update_layer("frozen", _config(inference_mode=True))
+    assert not any(v.requires_grad for v in layer.grace_values[A])
+    layer.set_adapter(A)
+    layer.update_layer("trained", _config())
+    assert [v.requires_grad for v in layer.grace_values[A]] == [False, True, False]
     assert layer.trainable_indices("missing") == []
 
 
@@ -223,6 +231,22 @@ def test_codebook_state_round_trips_and_keeps_the_parameters_of_matching_values(
         layer.grace_keys[A].fill_(0.0)
     assert state["values"][1].tolist() == [[2.0] * 3] * 2 and state["keys"][0].tolist() == _e(0).tolist()
     assert layer.codebook_state(A)["values"][1] is not layer.grace_values[A][1]
+    # a state with more entries than the codebook now holds (a rollback after a shrink)
+    layer.load_codebook_state(A, _one_entry_state(state))
+    assert layer.codebook_size(A) == 1
+    layer.load_codebook_state(A, state)
+    assert layer.value_rows(A) == [1, 2] and layer.grace_values[A][0] is first
+    assert layer.grace_values[A][1].tolist() == [[2.0] * 3] * 2 and layer.trainable_indices(A) == [1]
+
+
+def _one_entry_state(state: dict) -> dict:
+    return {
+        "keys": state["keys"][:1],
+        "radii": state["radii"][:1],
+        "labels": state["labels"][:1],
+        "values": state["values"][:1],
+        "trainable": set(),
+    }
 
 
 def test_moving_to_the_meta_device_is_skipped():
@@ -298,12 +322,12 @@ def test_load_state_dict_resizes_every_codebook_it_holds():
     assert target.value_rows(A) == [2, 1] and target.value_rows("other") == [3]
     assert target.label(A, 0) == [1, 2] and target.codebook_size("third") == 0
     assert torch.equal(target.grace_keys["other"], source.grace_keys["other"])
-    # the message names the layer without the prefix's dot
+    # the message names the layer without the prefix's dot (and only the dot is stripped)
     state = {k: v for k, v in source.state_dict().items() if k != "grace_values.default.1"}
     with pytest.raises(
-        ValueError, match=r"^GRACE codebook of 'enc': 2 keys but no \(rows, d\) value for entry 1;"
+        ValueError, match=r"^GRACE codebook of 'fcX': 2 keys but no \(rows, d\) value for entry 1;"
     ):
-        _layer().resize_from_state_dict({f"enc.{k}": v for k, v in state.items()}, "enc.")
+        _layer().resize_from_state_dict({f"fcX.{k}": v for k, v in state.items()}, "fcX.")
 
 
 # ---------------------------------------------------------------------------------------------- hits, forward
