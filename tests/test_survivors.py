@@ -770,3 +770,34 @@ def test_a_base_weight_under_a_module_named_like_the_adapter_is_still_checked(re
         run_protocol(
             "single", _ftl(1), backbone, requests[:1], adapter_name="mlp", on_edit=write_a_base_mlp_weight
         )
+
+
+# ------------------------------------------------------------------ run_protocol's arguments, the RSS unit
+def test_run_protocol_argument_messages_and_its_seed_default(requests) -> None:  # noqa: ANN001
+    """run_protocol's refusals say what to pass; batch_size 1 is accepted by every protocol; seed 0 by default."""
+    backbone = _backbone()
+    with pytest.raises(ValueError) as info:
+        run_protocol("serial", _ftl(1), backbone, requests[:1])
+    assert str(info.value) == "unknown protocol 'serial'; choose one of single, sequential, batch"
+    with pytest.raises(ValueError) as info:
+        run_protocol("batch", _ftl(1), backbone, requests[:1])
+    assert str(info.value) == "the batch protocol needs batch_size (edits per optimisation)"
+    with pytest.raises(ValueError) as info:
+        run_protocol("single", _ftl(1), backbone, requests[:1], batch_size=2)
+    assert str(info.value) == "batch_size=2 is only meaningful for the batch protocol, not 'single'"
+    run = run_protocol("single", _ftl(1), backbone, requests[:1], batch_size=1)
+    assert (run.seed, run.batch_size, len(run.results)) == (0, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("platform", "maxrss", "expected"), [("linux", 3 * 1024 * 512, 1536.0), ("darwin", 5 * 2**20, 5.0)]
+)
+def test_peak_rss_is_read_in_the_platform_s_unit(platform, maxrss, expected, monkeypatch) -> None:  # noqa: ANN001
+    """ru_maxrss is KiB on Linux and bytes on macOS; both become MiB."""
+    from types import SimpleNamespace
+
+    from odedit_hf.evaluation import protocols
+
+    monkeypatch.setattr(protocols.sys, "platform", platform)
+    monkeypatch.setattr(protocols.resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=maxrss))
+    assert protocols._peak_rss_mb() == expected
