@@ -91,7 +91,8 @@ def test_add_entry_stores_the_entry_and_pads_the_labels_to_the_widest():
     layer = _layer()
     assert layer.add_entry(A, _e(0), [0], 0.5, torch.full((1, 3), 2.0)) == 0
     # a label with token 0 and a longer label: the older row is padded with -1
-    assert layer.add_entry(A, _e(1).double(), (7, 0, 3), 1, torch.ones(3)) == 1  # a 1-D value is one row
+    # a 1-D float64 value is one float32 row
+    assert layer.add_entry(A, _e(1).double(), (7, 0, 3), 1, torch.ones(3, dtype=torch.float64)) == 1
     assert layer.codebook_size(A) == 2
     assert layer.label(A, 0) == [0] and layer.label(A, 1) == [7, 0, 3]
     assert layer.grace_labels[A].tolist() == [[0, -1, -1], [7, 0, 3]]
