@@ -801,3 +801,60 @@ def test_peak_rss_is_read_in_the_platform_s_unit(platform, maxrss, expected, mon
     monkeypatch.setattr(protocols.sys, "platform", platform)
     monkeypatch.setattr(protocols.resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=maxrss))
     assert protocols._peak_rss_mb() == expected
+
+
+def test_batch_rows_share_their_edit_s_wall_time(requests, monkeypatch) -> None:  # noqa: ANN001
+    """In the batch protocol each request's row carries its share of the one optimisation's time."""
+    from odedit_hf.evaluation import protocols
+
+    clock = [0.0]
+    monkeypatch.setattr(protocols.time, "perf_counter", lambda: clock[0])
+    method = _ftl(1)
+    edit = method.edit
+
+    def timed_edit(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        clock[0] += 6.0
+        return edit(*args, **kwargs)
+
+    monkeypatch.setattr(method, "edit", timed_edit)
+    run = run_protocol("batch", method, _backbone(), requests[:3], batch_size=2)
+    assert [r.wall_time_s for r in run.results] == [3.0, 3.0, 6.0]
+
+
+def test_measure_reads_the_cuda_peak_on_a_cuda_device(monkeypatch) -> None:  # noqa: ANN001
+    """On a CUDA device the block's peak is the device's peak allocation in MiB, after a synchronise and a
+    reset of the peak counter on that very device (stand-ins for the CUDA calls; no GPU here)."""
+    from odedit_hf.evaluation import protocols
+
+    calls = []
+    device = torch.device("cuda", 1)
+    monkeypatch.setattr(protocols.torch.cuda, "synchronize", lambda d: calls.append(("sync", d)))
+    monkeypatch.setattr(protocols.torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", d)))
+    monkeypatch.setattr(
+        protocols.torch.cuda, "max_memory_allocated", lambda d: 3 * 2**20 if d == device else 0
+    )
+    with protocols._measure(device) as m:
+        calls.append(("block", None))
+    assert calls == [("sync", device), ("reset", device), ("block", None), ("sync", device)]
+    assert m["peak_memory_mb"] == 3.0 and m["wall_time_s"] >= 0.0
+    with protocols._measure(torch.device("cpu")) as m:
+        pass
+    assert m["peak_memory_mb"] == pytest.approx(protocols._peak_rss_mb(), rel=0.01)
+
+
+def test_text_only_model_refuses_image_records_with_the_cases_and_the_source(requests) -> None:  # noqa: ANN001
+    import dataclasses
+
+    from odedit_hf.evaluation.protocols import check_requests_fit
+
+    check_requests_fit(requests, True, "llava")  # a multimodal model takes them
+    many = [dataclasses.replace(requests[0], case_id=i) for i in range(7)]
+    with pytest.raises(ValueError) as info:
+        check_requests_fit(many, False, "llama")
+    assert str(info.value) == (
+        "the 'llama' model is text-only but 7 of 7 edit records of in-memory carry images (case ids "
+        "[0, 1, 2, 3, 4] ...); edit them with a multimodal model, or give text-only records (ZsRE / "
+        "CounterFact layouts, or MMEdit records without image, image_rephrase, m_loc, m_loc_q, m_loc_a)"
+    )
+    with pytest.raises(ValueError, match=r"carry images \(case ids \[0, 1\]\); edit them"):
+        check_requests_fit(requests[:2], False, "llama")
