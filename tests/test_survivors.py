@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -856,5 +857,10 @@ def test_text_only_model_refuses_image_records_with_the_cases_and_the_source(req
         "[0, 1, 2, 3, 4] ...); edit them with a multimodal model, or give text-only records (ZsRE / "
         "CounterFact layouts, or MMEdit records without image, image_rephrase, m_loc, m_loc_q, m_loc_a)"
     )
-    with pytest.raises(ValueError, match=r"carry images \(case ids \[0, 1\]\); edit them"):
-        check_requests_fit(requests[:2], False, "llama")
+    with pytest.raises(ValueError, match=r"of in-memory carry images \(case ids \[0, 1\]\); edit them"):
+        check_requests_fit([requests[0], dataclasses.replace(requests[1], source="other")], False, "llama")
+    for n, tail in ((5, "[0, 1, 2, 3, 4])"), (6, "[0, 1, 2, 3, 4] ...)")):  # the " ..." from the sixth on
+        with pytest.raises(
+            ValueError, match=rf"^the 'llama' model is text-only but {n} of {n} .*ids {re.escape(tail)};"
+        ):
+            check_requests_fit(many[:n], False, "llama")
