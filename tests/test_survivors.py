@@ -864,3 +864,19 @@ def test_text_only_model_refuses_image_records_with_the_cases_and_the_source(req
             ValueError, match=rf"^the 'llama' model is text-only but {n} of {n} .*ids {re.escape(tail)};"
         ):
             check_requests_fit(many[:n], False, "llama")
+
+
+def test_protocols_refuse_no_requests_a_bad_seed_and_name_the_text_only_model(requests) -> None:  # noqa: ANN001
+    from odedit_hf.testing import tiny_backbone
+
+    backbone = _backbone()
+    with pytest.raises(ValueError) as info:
+        run_protocol("single", _ftl(1), backbone, [])
+    assert str(info.value) == "no edit requests given; load some with odedit_hf.data.load_edits"
+    for seed in (True, "1", 1.0):
+        with pytest.raises(ValueError) as info:
+            run_protocol("single", _ftl(1), backbone, requests[:1], seed=seed)
+        assert str(info.value) == f"seed must be an int, got {seed!r}"
+    text = tiny_backbone("llama", texts=TEXTS)
+    with pytest.raises(ValueError, match=r"^the 'llama' model is text-only but 1 of 1 edit records"):
+        run_protocol("single", _ftl(1), text, requests[:1])
