@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -720,7 +721,7 @@ def test_sequential_per_edit_wall_time_is_that_edit_s_own_time(requests, monkeyp
     from odedit_hf.evaluation import protocols
 
     clock = [100.0]
-    monkeypatch.setattr(protocols.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(protocols, "time", SimpleNamespace(perf_counter=lambda: clock[0]))  # this module only
     method = _ftl(1)
     edit = method.edit
     durations = iter([5.0, 7.0])
@@ -799,8 +800,9 @@ def test_peak_rss_is_read_in_the_platform_s_unit(platform, maxrss, expected, mon
 
     from odedit_hf.evaluation import protocols
 
-    monkeypatch.setattr(protocols.sys, "platform", platform)
-    monkeypatch.setattr(protocols.resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=maxrss))
+    monkeypatch.setattr(protocols, "sys", SimpleNamespace(platform=platform))  # this module only
+    fake = SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: SimpleNamespace(ru_maxrss=maxrss))
+    monkeypatch.setattr(protocols, "resource", fake)
     assert protocols._peak_rss_mb() == expected
 
 
@@ -809,7 +811,7 @@ def test_batch_rows_share_their_edit_s_wall_time(requests, monkeypatch) -> None:
     from odedit_hf.evaluation import protocols
 
     clock = [0.0]
-    monkeypatch.setattr(protocols.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(protocols, "time", SimpleNamespace(perf_counter=lambda: clock[0]))  # this module only
     method = _ftl(1)
     edit = method.edit
 
