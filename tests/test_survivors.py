@@ -618,8 +618,6 @@ class _RuleModel(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # model_device() reads the first parameter
 
     def forward(self, input_ids, attention_mask, **_):  # noqa: ANN001, ANN003, ANN201
-        from types import SimpleNamespace
-
         ids = input_ids * attention_mask
         right = (ids.cumsum(dim=1) % 3 != 0)[:, 1:]
         nxt = input_ids[:, 1:]
@@ -715,22 +713,28 @@ def test_evaluate_request_names_the_case_and_the_missing_or_mismatched_reference
 
 
 # ------------------------------------------------------------------ run_sequential's own measurements
-def test_sequential_per_edit_wall_time_is_that_edit_s_own_time(requests, monkeypatch) -> None:  # noqa: ANN001
-    """Each sequential row's wall time is the time its own edit took (one edit per row, no share), on a
-    clock that only the edits advance."""
+def _timed_ftl(monkeypatch, durations: list[float]) -> FTLMethod:  # noqa: ANN001
+    """A one-step FT-L whose k-th edit takes ``durations[k]`` seconds on a clock that only its edits advance
+    (the protocols module's own ``time``; the global module is left alone)."""
     from odedit_hf.evaluation import protocols
 
     clock = [100.0]
-    monkeypatch.setattr(protocols, "time", SimpleNamespace(perf_counter=lambda: clock[0]))  # this module only
+    monkeypatch.setattr(protocols, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     method = _ftl(1)
-    edit = method.edit
-    durations = iter([5.0, 7.0])
+    edit, steps = method.edit, iter(durations)
 
     def timed_edit(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        clock[0] += next(durations)
+        clock[0] += next(steps)
         return edit(*args, **kwargs)
 
     monkeypatch.setattr(method, "edit", timed_edit)
+    return method
+
+
+def test_sequential_per_edit_wall_time_is_that_edit_s_own_time(requests, monkeypatch) -> None:  # noqa: ANN001
+    """Each sequential row's wall time is the time its own edit took (one edit per row, no share), on a
+    clock that only the edits advance."""
+    method = _timed_ftl(monkeypatch, [5.0, 7.0])
     run = run_protocol("sequential", method, _backbone(), requests[:2])
     assert [r.wall_time_s for r in run.results] == [5.0, 7.0]
     assert run.wall_time_s == 12.0
@@ -796,8 +800,6 @@ def test_run_protocol_argument_messages_and_its_seed_default(requests) -> None: 
 )
 def test_peak_rss_is_read_in_the_platform_s_unit(platform, maxrss, expected, monkeypatch) -> None:  # noqa: ANN001
     """ru_maxrss is KiB on Linux and bytes on macOS; both become MiB."""
-    from types import SimpleNamespace
-
     from odedit_hf.evaluation import protocols
 
     monkeypatch.setattr(protocols, "sys", SimpleNamespace(platform=platform))  # this module only
@@ -808,18 +810,7 @@ def test_peak_rss_is_read_in_the_platform_s_unit(platform, maxrss, expected, mon
 
 def test_batch_rows_share_their_edit_s_wall_time(requests, monkeypatch) -> None:  # noqa: ANN001
     """In the batch protocol each request's row carries its share of the one optimisation's time."""
-    from odedit_hf.evaluation import protocols
-
-    clock = [0.0]
-    monkeypatch.setattr(protocols, "time", SimpleNamespace(perf_counter=lambda: clock[0]))  # this module only
-    method = _ftl(1)
-    edit = method.edit
-
-    def timed_edit(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        clock[0] += 6.0
-        return edit(*args, **kwargs)
-
-    monkeypatch.setattr(method, "edit", timed_edit)
+    method = _timed_ftl(monkeypatch, [6.0, 6.0])
     run = run_protocol("batch", method, _backbone(), requests[:3], batch_size=2)
     assert [r.wall_time_s for r in run.results] == [3.0, 3.0, 6.0]
 
