@@ -408,3 +408,38 @@ def test_forward_with_several_adapters_a_disabled_layer_and_a_bf16_base():
         assert out[0, 0].tolist() == [1.5] * 3 and torch.equal(out[0, 1:], reference[0, 1:])
         layer.enable_adapters(False)
         assert torch.equal(layer(x), reference)
+
+
+# ---------------------------------------------------------------------------------------------- devices, dtypes
+def test_the_codebook_is_created_on_the_base_layers_device():
+    """A base on the meta device (accelerate's ``init_empty_weights``, a ``device_map`` load before the weights
+    arrive): every tensor of the codebook is made there too, never on the CPU beside it."""
+    torch.manual_seed(0)
+    layer = Linear(nn.Linear(4, 3, device="meta"), A, _config())
+    assert layer.value_matrix(A).device.type == "meta" and layer.value_matrix(A).shape == (0, 3)
+    layer.resize_codebook(A, [2, 1], 2)
+    layer.add_entry(A, torch.ones(4, device="meta"), [5, 6, 7], 0.5, torch.ones(2, 3, device="meta"))
+    state = [layer.grace_keys[A], layer.grace_radii[A], layer.grace_labels[A], *layer.grace_values[A]]
+    assert [t.device.type for t in state] == ["meta"] * 6
+    assert layer.grace_labels[A].shape == (3, 3) and layer.value_rows(A) == [2, 1, 2]
+    mask, row = layer.hits(A, torch.ones(2, 5, 4, device="meta"))
+    assert (mask.device.type, row.device.type, mask.shape, row.shape) == ("meta", "meta", (2, 5), (2, 5))
+
+
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16])
+def test_the_codebook_keeps_its_dtypes_whatever_the_default_dtype(default):  # noqa: ANN001
+    """float32 keys, radii and values and int64 labels, also while another default dtype is set (transformers
+    sets one while it builds a model in bf16): distances and the radius test never run in bf16."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        layer = Linear(nn.Linear(4, 3, dtype=torch.float32), A, _config())
+        assert layer.value_matrix(A).dtype == torch.float32
+        layer.resize_codebook(A, [1], 2)
+        layer.add_entry(A, _e(0).to(default), [1, 2, 3], 0.25, torch.ones(1, 3, dtype=default))
+        dtypes = [layer.grace_keys[A].dtype, layer.grace_radii[A].dtype, layer.grace_labels[A].dtype]
+        assert dtypes == [torch.float32, torch.float32, torch.int64]
+        assert [v.dtype for v in layer.grace_values[A]] == [torch.float32, torch.float32]
+        assert layer.grace_radii[A].tolist() == [0.0, 0.25] and layer.label(A, 1) == [1, 2, 3]
+    finally:
+        torch.set_default_dtype(previous)

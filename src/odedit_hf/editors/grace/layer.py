@@ -211,7 +211,7 @@ class GRACELayer(BaseTunerLayer):
         (differentiable w.r.t. the trainable ones)."""
         values = list(self.grace_values[adapter_name])
         if not values:
-            return torch.zeros(0, self.out_features, device=self._device())
+            return torch.zeros(0, self.out_features, dtype=torch.float32, device=self._device())
         return torch.cat(values)
 
     @torch.no_grad()
@@ -257,7 +257,10 @@ class GRACELayer(BaseTunerLayer):
             [keys, key.detach().reshape(1, -1).to(device, torch.float32)]
         )
         self.grace_radii[adapter_name] = torch.cat(
-            [self.grace_radii[adapter_name], torch.tensor([float(radius)], device=device)]
+            [
+                self.grace_radii[adapter_name],
+                torch.tensor([float(radius)], dtype=torch.float32, device=device),
+            ]
         )
         self.grace_labels[adapter_name] = torch.cat([labels, row])
         parameter = nn.Parameter(value.detach().to(device, torch.float32).clone(), requires_grad=False)
